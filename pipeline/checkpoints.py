@@ -1,0 +1,185 @@
+"""The run directory: where each stage keeps its checkpoints, final model, manifest and metrics.
+
+    runs/<name>/data/                      the built-in task, generated once
+    runs/<name>/<stage>/checkpoint-<step>/ resumable training state, written atomically
+    runs/<name>/<stage>/final/             the stage's model in HF format, read by the next stage
+    runs/<name>/<stage>/manifest.json      config used, input checkpoint, steps, metrics, wall time, versions
+    runs/<name>/<stage>/metrics.jsonl      one line per logged step
+
+A checkpoint counts only once its completion marker exists. Our own stages write into a hidden temporary
+directory and rename it into place (atomic on POSIX); HF Trainer's checkpoints, written in place, get their
+marker from a callback after the Trainer has finished writing. A kill at any moment therefore leaves either
+no new checkpoint or a complete one, never a broken "latest".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TEMPORARY_PREFIX = ".tmp-"
+
+
+def write_json_atomically(path: Path, payload: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    temporary = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.{os.getpid()}")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def mark_checkpoint_complete(checkpoint_dir: Path, step: int) -> None:
+    write_json_atomically(Path(checkpoint_dir) / COMPLETE_MARKER, {"step": step, "time": time.time()})
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    return path.is_dir() and CHECKPOINT_PATTERN.match(path.name) is not None and (path / COMPLETE_MARKER).is_file()
+
+
+def checkpoint_step(path: Path) -> int:
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint-<step> directory")
+    return int(match.group(1))
+
+
+def complete_checkpoints(stage_dir: Path) -> list[Path]:
+    """Complete checkpoints of a stage, oldest step first."""
+    stage_dir = Path(stage_dir)
+    if not stage_dir.is_dir():
+        return []
+    return sorted((p for p in stage_dir.iterdir() if is_complete_checkpoint(p)), key=checkpoint_step)
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or None; incomplete ones (killed mid-save) are ignored."""
+    found = complete_checkpoints(stage_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(stage_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and any incomplete one older than those."""
+    stage_dir = Path(stage_dir)
+    complete = complete_checkpoints(stage_dir)
+    for path in complete[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+    if not complete:
+        return
+    newest_kept = checkpoint_step(complete[-1])
+    for path in stage_dir.iterdir():
+        if CHECKPOINT_PATTERN.match(path.name) and not is_complete_checkpoint(path) and checkpoint_step(path) < newest_kept:
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name.startswith(TEMPORARY_PREFIX) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_temporaries(stage_dir: Path) -> None:
+    """Remove half-written directories left by a process killed mid-save."""
+    stage_dir = Path(stage_dir)
+    if stage_dir.is_dir():
+        for path in stage_dir.iterdir():
+            if path.name.startswith(TEMPORARY_PREFIX):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(destination: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `destination`; on success rename it into place, else delete it."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    temporary = destination.with_name(f"{TEMPORARY_PREFIX}{destination.name}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+        fsync_tree(temporary)
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(temporary, destination)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def fsync_tree(root: Path) -> None:
+    for path in sorted(Path(root).rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": sys.version.split()[0]}
+    for package in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_manifest(stage_dir: Path, **fields: Any) -> None:
+    """Record what a stage did: merged into any existing manifest, with library versions added."""
+    path = Path(stage_dir) / "manifest.json"
+    manifest = read_manifest(stage_dir) or {}
+    manifest.update(fields)
+    manifest["versions"] = library_versions()
+    write_json_atomically(path, manifest)
+
+
+def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    path = Path(stage_dir) / "manifest.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class MetricsLog:
+    """Append-only metrics jsonl that a resumed stage first cuts back to its checkpoint's step."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if not enabled:
+            return
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and self._step_of(line) is not None and self._step_of(line) <= resume_step]
+            with open(self.path, "w", encoding="utf-8") as handle:
+                handle.write("".join(line + "\n" for line in kept))
+
+    @staticmethod
+    def _step_of(line: str) -> int | None:
+        try:
+            return json.loads(line).get("step")
+        except json.JSONDecodeError:  # a line cut short by a kill
+            return None
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]

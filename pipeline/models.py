@@ -1,0 +1,60 @@
+"""Building and loading causal LMs the same way in every stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline.config import ModelSection
+
+
+def build_llama_from_config(section: ModelSection, tokenizer: PreTrainedTokenizerBase, seed: int) -> LlamaForCausalLM:
+    """A fresh Llama-style decoder sized by the config, its vocabulary matching the tokenizer."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=section.hidden_size,
+        intermediate_size=section.intermediate_size,
+        num_hidden_layers=section.num_hidden_layers,
+        num_attention_heads=section.num_attention_heads,
+        num_key_value_heads=section.num_attention_heads,
+        max_position_embeddings=section.max_position_embeddings,
+        rope_theta=section.rope_theta,
+        tie_word_embeddings=True,  # a third of a small model's parameters would otherwise be a second embedding
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    torch.random.set_rng_state(generator_state)
+    configure_generation(model, tokenizer)
+    return model
+
+
+def load_causal_lm(name_or_path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
+                   trust_remote_code: bool = False) -> PreTrainedModel:
+    """Load an HF causal LM in float32 (safetensors only) and make its embeddings fit the tokenizer."""
+    model = AutoModelForCausalLM.from_pretrained(
+        str(name_or_path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32)
+    if tokenizer is not None:
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        configure_generation(model, tokenizer)
+    return model
+
+
+def configure_generation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make `generate` stop at our EOS and pad with our pad token, in the saved generation config too."""
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.bos_token_id = None
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

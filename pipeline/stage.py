@@ -1,0 +1,154 @@
+"""What every stage does the same way: read its arguments, seed, build an Accelerator, find where to resume."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.checkpoints import latest_checkpoint, read_manifest, remove_stale_temporaries
+from pipeline.config import ConfigError, PipelineConfig, load_config
+
+# The config sections whose change makes a stage's checkpoints and final model stale.
+STAGE_INPUTS = {
+    "pretrain": ("model", "tokenizer", "data.builtin", "data.pretrain", "pretrain"),
+    "sft": ("data.builtin", "data.sft", "sft"),
+    "reward": ("data.builtin", "data.reward", "reward"),
+    "ppo": ("data.builtin", "data.ppo", "ppo"),
+}
+
+
+def parse_stage_arguments(stage: str, argv: list[str] | None = None) -> tuple[PipelineConfig, bool]:
+    """Parse `--config FILE [--restart] [key=value ...]`; a bad config exits 2 with one line naming the key."""
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"Run the {stage} stage.")
+    parser.add_argument("--config", help="YAML run config (configs/default.yaml if omitted)")
+    parser.add_argument("--restart", action="store_true", help="discard this stage's checkpoints and start over")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. pretrain.max_steps=50")
+    arguments = parser.parse_args(argv)
+    try:
+        config = load_config(arguments.config or default_config_path(), arguments.overrides)
+    except ConfigError as error:
+        exit_with_error(str(error))
+    return config, arguments.restart
+
+
+def default_config_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def exit_with_error(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def stage_fingerprint(config: PipelineConfig, stage: str) -> dict[str, Any]:
+    """The parts of the config a stage's result depends on, for deciding whether a checkpoint is stale."""
+    as_dict = config.to_dict()
+    fingerprint: dict[str, Any] = {"run.seed": config.run.seed}
+    for dotted in STAGE_INPUTS[stage]:
+        node: Any = as_dict
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        fingerprint[dotted] = node
+    return json.loads(json.dumps(fingerprint, default=str))
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = sorted(set(old) | set(new))
+    differences = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differences += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            differences.append(f"{prefix}{key}")
+    return differences
+
+
+@dataclass
+class StageStart:
+    """Where a stage begins: from scratch, from a checkpoint, or nothing to do because final/ is current."""
+
+    stage_dir: Path
+    resume_from: Path | None
+    already_finished: bool
+
+
+def plan_stage_start(config: PipelineConfig, stage: str, restart: bool, is_main_process: bool = True) -> StageStart:
+    """Decide whether to resume, skip, or refuse because the config changed since the checkpoints were made."""
+    stage_dir = config.run_dir / stage
+    manifest = read_manifest(stage_dir)
+    fingerprint = stage_fingerprint(config, stage)
+    if restart:
+        if is_main_process:
+            discard_stage_outputs(stage_dir)
+        return StageStart(stage_dir, None, False)
+    if manifest is not None and manifest.get("config") is not None:
+        changed = config_differences(manifest["config"], fingerprint)
+        if changed and (latest_checkpoint(stage_dir) is not None or (stage_dir / "final").is_dir()):
+            raise ConfigError(
+                f"{stage}: config changed since this stage's checkpoints were written ({', '.join(changed[:5])}); "
+                f"run with --restart {stage} to start it over, or restore the old values")
+    if manifest is not None and manifest.get("status") == "finished" and (stage_dir / "final").is_dir():
+        return StageStart(stage_dir, None, True)
+    if is_main_process:
+        remove_stale_temporaries(stage_dir)
+    return StageStart(stage_dir, latest_checkpoint(stage_dir), False)
+
+
+def discard_stage_outputs(stage_dir: Path) -> None:
+    import shutil
+
+    if stage_dir.is_dir():
+        shutil.rmtree(stage_dir)
+
+
+def trackers(report_to: str) -> list[str] | None:
+    """Accelerate trackers to log to: `auto` means tensorboard when it is installed, else none."""
+    if report_to == "none":
+        return None
+    if report_to == "auto":
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") else None
+    return [report_to]
+
+
+def bf16_enabled(requested: bool | None) -> bool:
+    """bf16 autocast where the device supports it: any recent CPU, and GPUs from Ampere on."""
+    if requested is not None:
+        return requested
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return True
+
+
+def set_offline_mode(offline: bool) -> None:
+    if offline:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def run_stage_main(stage: str, runner: Callable[[PipelineConfig, bool], Any], argv: list[str] | None = None) -> None:
+    """Entry point shared by `python -m stages.<stage>`: config errors exit 2 before any work starts."""
+    config, restart = parse_stage_arguments(stage, argv)
+    set_offline_mode(config.run.offline)
+    try:
+        runner(config, restart)
+    except ConfigError as error:
+        exit_with_error(str(error))

@@ -1,0 +1,254 @@
+"""Stage 1, pretraining: train a byte-level BPE tokenizer, then a decoder-only model on next-token prediction.
+
+    accelerate launch -m stages.pretrain --config configs/default.yaml [key=value ...]
+
+Reads, top to bottom: config → data (corpus, tokenizer, packed blocks) → model → loop → checkpoint.
+The batch order is a pure function of (seed, epoch, step), and the learning rate a pure function of the
+step, so resuming needs only the weights, the optimizer state and the step: a run killed at any moment and
+started again ends with bit-identical weights on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from data.builtin_task import write_builtin_task
+from data.loading import load_source, read_rows, texts_from_rows
+from data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from pipeline.checkpoints import (
+    MetricsLog, atomic_directory, mark_checkpoint_complete, prune_checkpoints, write_manifest)
+from pipeline.config import ConfigError, PipelineConfig, PretrainSection
+from pipeline.models import build_llama_from_config, count_parameters, load_causal_lm
+from pipeline.stage import bf16_enabled, plan_stage_start, run_stage_main, seed_everything, stage_fingerprint, trackers
+
+STAGE = "pretrain"
+
+
+# ---------------------------------------------------------------- data
+def corpus_texts(config: PipelineConfig, accelerator: Accelerator) -> tuple[list[str], list[str]]:
+    """(train, eval) texts: the built-in stories, or a text-format dataset from the config."""
+    if config.data.pretrain is None:
+        data_dir = config.run_dir / "data"
+        if accelerator.is_main_process:
+            write_builtin_task(config.data.builtin, data_dir)
+        accelerator.wait_for_everyone()
+        return ([row["text"] for row in read_rows(data_dir / "pretrain_train.jsonl")],
+                [row["text"] for row in read_rows(data_dir / "pretrain_eval.jsonl")])
+    train_rows, eval_rows = load_source(config.data.pretrain, "data.pretrain", config.run.seed)
+    return (texts_from_rows(train_rows, f"data.pretrain ({config.data.pretrain.path})"),
+            texts_from_rows(eval_rows, f"data.pretrain eval ({config.data.pretrain.path})"))
+
+
+def prepare_tokenizer(config: PipelineConfig, texts: list[str], accelerator: Accelerator):
+    """Load the configured tokenizer, or train one once per run directory and reuse it on resume."""
+    if config.tokenizer.name_or_path or config.model.name_or_path:
+        return load_tokenizer(config.tokenizer.name_or_path or config.model.name_or_path,
+                              config.model.trust_remote_code)
+    tokenizer_dir = config.run_dir / "tokenizer"
+    if accelerator.is_main_process and not (tokenizer_dir / "tokenizer.json").is_file():
+        tokenizer = train_bpe_tokenizer(texts[: config.tokenizer.training_texts], config.tokenizer.vocab_size)
+        with atomic_directory(tokenizer_dir) as temporary:
+            tokenizer.save_pretrained(temporary)
+    accelerator.wait_for_everyone()
+    return load_tokenizer(tokenizer_dir)
+
+
+def packed_blocks(texts: list[str], tokenizer, seq_length: int) -> torch.Tensor:
+    """Concatenate the documents, each ended by EOS, and cut the stream into [blocks, seq_length]."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    stream = [token for document in ids for token in (*document, tokenizer.eos_token_id)]
+    usable = len(stream) // seq_length * seq_length
+    if usable == 0:
+        raise ConfigError(f"pretrain.seq_length: the corpus has {len(stream)} tokens, fewer than one block of {seq_length}")
+    return torch.tensor(stream[:usable], dtype=torch.long).view(-1, seq_length)
+
+
+def batch_indices(step: int, micro_step: int, settings: PretrainSection, num_blocks: int,
+                  seed: int, process_index: int, num_processes: int) -> torch.Tensor:
+    """Block indices of one micro-batch of one process: a seeded permutation per epoch, read in order."""
+    micro_batch = settings.per_device_train_batch_size
+    global_batch = micro_batch * num_processes * settings.gradient_accumulation_steps
+    steps_per_epoch = num_blocks // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"pretrain.per_device_train_batch_size: a global batch of {global_batch} blocks exceeds "
+                          f"the {num_blocks} blocks of the corpus")
+    epoch, step_in_epoch = divmod(step, steps_per_epoch)
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed + epoch))
+    start = step_in_epoch * global_batch + (micro_step * num_processes + process_index) * micro_batch
+    return order[start: start + micro_batch]
+
+
+def learning_rate_at(step: int, settings: PretrainSection) -> float:
+    """Linear warmup, then cosine (or linear) decay to min_learning_rate_ratio × learning_rate."""
+    peak, floor = settings.learning_rate, settings.learning_rate * settings.min_learning_rate_ratio
+    if step < settings.warmup_steps:
+        return peak * (step + 1) / settings.warmup_steps
+    if settings.lr_scheduler_type == "constant":
+        return peak
+    progress = (step - settings.warmup_steps) / max(1, settings.max_steps - settings.warmup_steps)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if settings.lr_scheduler_type == "cosine" else 1 - progress
+    return floor + (peak - floor) * shape
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(accelerator: Accelerator, model, tokenizer, stage_dir: Path, step: int, elapsed_s: float,
+                    keep_last: int) -> None:
+    """Accelerate state (weights, optimizer, RNG per process) plus an HF copy, renamed into place atomically."""
+    temporary = stage_dir / f".tmp-checkpoint-{step}"
+    if accelerator.is_main_process:
+        import shutil
+        shutil.rmtree(temporary, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_directory(stage_dir / f"checkpoint-{step}") as staging:
+            for path in temporary.iterdir():
+                path.rename(staging / path.name)
+            accelerator.unwrap_model(model).save_pretrained(staging / "model")
+            tokenizer.save_pretrained(staging / "model")
+            (staging / "trainer_state.json").write_text(json.dumps({"global_step": step, "elapsed_s": elapsed_s}))
+            mark_checkpoint_complete(staging, step)
+        temporary.rmdir()
+        prune_checkpoints(stage_dir, keep_last)
+    accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def evaluate(model, blocks: torch.Tensor, settings: PretrainSection, accelerator: Accelerator) -> float:
+    """Mean next-token loss over the first eval_batches batches of the held-out blocks, across processes."""
+    model.eval()
+    size = settings.per_device_eval_batch_size
+    shard = blocks[accelerator.process_index:: accelerator.num_processes][: settings.eval_batches * size]
+    total = torch.zeros(2, device=accelerator.device)
+    for start in range(0, len(shard), size):
+        batch = shard[start: start + size].to(accelerator.device)
+        total += torch.stack([model(input_ids=batch, labels=batch).loss.float() * len(batch),
+                              torch.tensor(float(len(batch)), device=accelerator.device)])
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+# ---------------------------------------------------------------- the stage
+def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
+    """Train the tokenizer and the model; return the directory of the final HF checkpoint."""
+    settings = config.pretrain
+    accelerator = Accelerator(mixed_precision="bf16" if bf16_enabled(settings.bf16) else "no",
+                              log_with=trackers(settings.report_to), project_dir=str(config.run_dir / STAGE))
+    start = plan_stage_start(config, STAGE, restart, accelerator.is_main_process)
+    stage_dir = start.stage_dir
+    if start.already_finished:
+        accelerator.print(f"[pretrain] already finished: {stage_dir / 'final'}")
+        return stage_dir / "final"
+    seed_everything(config.run.seed)
+    accelerator.print(f"[pretrain] run {config.run_dir} on {accelerator.num_processes} process(es), "
+                      f"{accelerator.device}, {accelerator.mixed_precision}")
+
+    train_texts, eval_texts = corpus_texts(config, accelerator)
+    tokenizer = prepare_tokenizer(config, train_texts, accelerator)
+    train_blocks = packed_blocks(train_texts, tokenizer, settings.seq_length)
+    eval_blocks = packed_blocks(eval_texts, tokenizer, settings.seq_length)
+
+    if config.model.name_or_path:
+        model = load_causal_lm(config.model.name_or_path, tokenizer, config.model.trust_remote_code)
+    else:
+        model = build_llama_from_config(config.model, tokenizer, config.run.seed)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.learning_rate, betas=(settings.adam_beta1, settings.adam_beta2))
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    step, elapsed_before = 0, 0.0
+    if start.resume_from is not None:
+        accelerator.load_state(str(start.resume_from))
+        state = json.loads((start.resume_from / "trainer_state.json").read_text())
+        step, elapsed_before = state["global_step"], state["elapsed_s"]
+        accelerator.print(f"[pretrain] resuming from {start.resume_from} (step {step})")
+    if accelerator.is_main_process:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        write_manifest(stage_dir, stage=STAGE, status="running", config=stage_fingerprint(config, STAGE),
+                       input_checkpoint=config.model.name_or_path, max_steps=settings.max_steps,
+                       parameters=count_parameters(accelerator.unwrap_model(model)))
+    metrics_log = MetricsLog(stage_dir / "metrics.jsonl", step if start.resume_from else None,
+                             enabled=accelerator.is_main_process)
+    accelerator.init_trackers(STAGE)
+
+    tokens_per_step = (settings.per_device_train_batch_size * settings.gradient_accumulation_steps
+                       * accelerator.num_processes * settings.seq_length)
+    progress = tqdm(total=settings.max_steps, initial=step, desc="pretrain", disable=not accelerator.is_local_main_process)
+    started, first_step, last_eval = time.time(), step, None
+    model.train()
+    while step < settings.max_steps:
+        learning_rate = learning_rate_at(step, settings)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        step_loss = torch.zeros((), device=accelerator.device)
+        for micro_step in range(settings.gradient_accumulation_steps):
+            indices = batch_indices(step, micro_step, settings, len(train_blocks), config.run.seed,
+                                    accelerator.process_index, accelerator.num_processes)
+            batch = train_blocks[indices].to(accelerator.device)
+            # DDP would all-reduce gradients after every micro-batch; only the last one needs it.
+            with accelerator.no_sync(model) if micro_step < settings.gradient_accumulation_steps - 1 else contextlib.nullcontext():
+                loss = model(input_ids=batch, labels=batch).loss / settings.gradient_accumulation_steps
+                accelerator.backward(loss)
+            step_loss += loss.detach()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % settings.logging_steps == 0 or step == settings.max_steps:
+            loss_value = accelerator.reduce(step_loss, reduction="mean").item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"pretrain: loss became {loss_value} at step {step}; "
+                                         f"the last good checkpoint is kept, lower pretrain.learning_rate and resume")
+            metrics = {"loss": loss_value, "learning_rate": learning_rate, "grad_norm": float(grad_norm),
+                       "tokens": step * tokens_per_step}
+            if step % settings.eval_steps == 0 or step == settings.max_steps:
+                last_eval = evaluate(model, eval_blocks, settings, accelerator)
+                metrics.update(eval_loss=last_eval, eval_perplexity=math.exp(min(last_eval, 50)))
+            accelerator.log(metrics, step=step)
+            metrics_log.write(step, metrics)
+            progress.set_postfix(loss=f"{loss_value:.3f}", **({"eval": f"{last_eval:.3f}"} if last_eval else {}))
+        progress.update(1)
+        if step % settings.save_steps == 0 or step == settings.max_steps:
+            save_checkpoint(accelerator, model, tokenizer, stage_dir, step, elapsed_before + time.time() - started,
+                            config.run.keep_last_checkpoints)
+    progress.close()
+
+    final_dir = stage_dir / "final"
+    if accelerator.is_main_process:
+        with atomic_directory(final_dir) as staging:
+            accelerator.unwrap_model(model).save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        history = metrics_log.read()
+        evals = [m for m in history if "eval_loss" in m]
+        write_manifest(stage_dir, status="finished", steps=step,
+                       wall_time_s=round(elapsed_before + time.time() - started, 1),
+                       metrics={"train_loss": history[-1]["loss"] if history else None,
+                                "eval_loss": evals[-1]["eval_loss"] if evals else None,
+                                "eval_perplexity": evals[-1]["eval_perplexity"] if evals else None},
+                       tokens_per_second=round((step - first_step) * tokens_per_step / max(time.time() - started, 1e-9)))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    accelerator.print(f"[pretrain] done: {final_dir}")
+    return final_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage_main(STAGE, run_pretraining, argv)
+
+
+if __name__ == "__main__":
+    main()
