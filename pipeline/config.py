@@ -99,7 +99,71 @@ class PretrainSection:
     report_to: str = "auto"  # an Accelerate tracker name, "none", or "auto" (tensorboard when installed)
 
 
-STAGE_SECTIONS: dict[str, type] = {"pretrain": PretrainSection}
+@dataclass
+class PeftSection:
+    """LoRA adapters via peft; the stage trains only these and, unless told otherwise, saves a merged model."""
+
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+# Our keys inside the `sft` and `reward` sections; every other key goes to TRL's SFTConfig / RewardConfig.
+TRAINER_EXTRAS: dict[str, dict[str, Any]] = {
+    "sft": {"peft": None, "save_adapter_only": False, "sample_prompts": 3},
+    "reward": {"peft": None, "margin": 0.0, "normalization_samples": 64},
+}
+TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {"max_steps": 200, "per_device_train_batch_size": 16, "learning_rate": 1e-3, "lr_scheduler_type": "cosine",
+            "warmup_steps": 20, "weight_decay": 0.0, "logging_steps": 10, "eval_steps": 100, "save_steps": 100,
+            "max_length": 256, "assistant_only_loss": True, "packing": False, "report_to": "none"},
+    "reward": {"max_steps": 150, "per_device_train_batch_size": 16, "learning_rate": 5e-4,
+               "lr_scheduler_type": "cosine", "warmup_steps": 15, "logging_steps": 10, "eval_steps": 50,
+               "save_steps": 50, "max_length": 256, "report_to": "none"},
+}
+# Fields the pipeline sets itself: the run directory decides where things go.
+TRAINER_OWNED = ("output_dir", "resume_from_checkpoint", "do_train", "do_eval", "save_total_limit", "push_to_hub",
+                 "hub_model_id", "overwrite_output_dir", "logging_dir")
+
+
+@dataclass
+class PPOSection:
+    """Our PPO (stages/ppo.py). Field names follow TRL 0.19's PPOConfig where one existed."""
+
+    max_steps: int = 60  # PPO iterations: one rollout batch, then num_ppo_epochs of updates on it
+    per_device_train_batch_size: int = 16  # micro-batch of one forward/backward
+    gradient_accumulation_steps: int = 4
+    num_mini_batches: int = 1  # rollout batch = per_device_train_batch_size × gradient_accumulation_steps × this
+    num_ppo_epochs: int = 4
+    local_rollout_forward_batch_size: int = 64  # sequences per no-grad forward while scoring rollouts
+    response_length: int = 48  # max new tokens per response
+    temperature: float = 0.7  # sampling and logprob temperature (no top-k / top-p: the ratio needs π itself)
+    missing_eos_penalty: float | None = 1.0  # subtracted from the score of a response that never ended
+    learning_rate: float = 3e-5  # policy
+    value_learning_rate: float = 1e-4  # critic
+    max_grad_norm: float = 1.0
+    kl_coef: float = 0.05  # β; the starting value when target_kl is set
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    target_kl: float | None = None  # set to use Ziegler et al.'s adaptive β
+    kl_horizon: int = 10000
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    critic_init: Literal["reward", "policy"] = "reward"  # the value model's starting weights
+    normalize_reward: bool = True  # use the mean/std the reward stage stored with its checkpoint
+    peft: PeftSection | None = None  # LoRA policy; the reference is the same model with the adapter off
+    bf16: bool | None = None
+    logging_steps: int = 1
+    save_steps: int = 20
+    sample_steps: int = 20  # a table of sample completions every N steps
+    report_to: str = "auto"
+
+
+STAGE_SECTIONS: dict[str, type] = {"pretrain": PretrainSection, "ppo": PPOSection}
 
 
 @dataclass
@@ -109,6 +173,9 @@ class PipelineConfig:
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     data: DataSection = field(default_factory=DataSection)
     pretrain: PretrainSection = field(default_factory=PretrainSection)
+    sft: dict[str, Any] = field(default_factory=dict)  # TRL SFTConfig fields, plus TRAINER_EXTRAS["sft"]
+    reward: dict[str, Any] = field(default_factory=dict)  # TRL RewardConfig fields, plus TRAINER_EXTRAS["reward"]
+    ppo: PPOSection = field(default_factory=PPOSection)
     source: str | None = None  # the YAML file this came from
 
     @property
@@ -141,6 +208,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for override in overrides:
         apply_override(raw, override)
     config = dataclass_from_dict(PipelineConfig, raw, "")
+    for stage in ("sft", "reward"):
+        setattr(config, stage, trainer_section(stage, getattr(config, stage)))
     config.source = str(path) if path is not None else None
     validate(config)
     return config
@@ -228,6 +297,32 @@ def coerce(hint: Any, value: Any, dotted: str) -> Any:
     return value
 
 
+def trainer_section(stage: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """Check a section meant for TRL's SFTConfig/RewardConfig: known field names, simple types, our extras."""
+    arguments_class = trainer_arguments_class(stage)
+    hints = typing.get_type_hints(arguments_class)
+    known = [f.name for f in dataclasses.fields(arguments_class) if f.init] + list(TRAINER_EXTRAS[stage])
+    section = {**TRAINER_EXTRAS[stage], **TRAINER_DEFAULTS[stage]}
+    for key, value in raw.items():
+        if key in TRAINER_OWNED:
+            raise ConfigError(f"{stage}.{key}: set by the pipeline from the run directory; remove it")
+        if key not in known:
+            raise ConfigError(unknown_key_message(f"{stage}.{key}", str(key), known))
+        if key == "peft":
+            section[key] = None if value is None else dataclasses.asdict(coerce(PeftSection, value, f"{stage}.peft"))
+        elif key in hints:
+            section[key] = coerce(hints[key], value, f"{stage}.{key}")
+        else:
+            section[key] = value
+    return section
+
+
+def trainer_arguments_class(stage: str) -> type:
+    from trl import RewardConfig, SFTConfig
+
+    return {"sft": SFTConfig, "reward": RewardConfig}[stage]
+
+
 def describe(hint: Any) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(describe(a) for a in typing.get_args(hint))
@@ -270,6 +365,8 @@ def validate(config: PipelineConfig) -> None:
     require(0 <= pretrain.min_learning_rate_ratio <= 1, "pretrain.min_learning_rate_ratio: must be within [0, 1]")
     require(pretrain.warmup_steps >= 0, f"pretrain.warmup_steps: must not be negative, got {pretrain.warmup_steps}")
     require(pretrain.max_grad_norm > 0, f"pretrain.max_grad_norm: must be positive, got {pretrain.max_grad_norm}")
+    validate_trainer_sections(config)
+    validate_ppo(config.ppo, model)
     for name in ("pretrain", "sft", "reward", "ppo"):
         source = getattr(config.data, name)
         if source is not None:
@@ -284,6 +381,44 @@ def validate(config: PipelineConfig) -> None:
         require(Path(model.name_or_path).is_dir(), f"model.name_or_path: directory {model.name_or_path} does not exist")
     if tokenizer.name_or_path is not None and looks_like_local_path(tokenizer.name_or_path):
         require(Path(tokenizer.name_or_path).is_dir(), f"tokenizer.name_or_path: directory {tokenizer.name_or_path} does not exist")
+
+
+def validate_trainer_sections(config: PipelineConfig) -> None:
+    for stage in ("sft", "reward"):
+        section = getattr(config, stage)
+        for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length"):
+            if section.get(key) is not None and key in section:
+                require(section[key] > 0 or (key == "max_steps" and section[key] == -1),
+                        f"{stage}.{key}: must be positive, got {section[key]}")
+        require(section.get("learning_rate", 1) > 0, f"{stage}.learning_rate: must be positive")
+        if section.get("max_length") is not None:
+            require(section["max_length"] <= config.model.max_position_embeddings or config.model.name_or_path is not None,
+                    f"{stage}.max_length: {section['max_length']} exceeds model.max_position_embeddings="
+                    f"{config.model.max_position_embeddings}")
+        if stage == "reward":
+            require(section["normalization_samples"] > 0, "reward.normalization_samples: must be positive")
+            require(section["margin"] >= 0, "reward.margin: must not be negative")
+
+
+def validate_ppo(ppo: PPOSection, model: ModelSection) -> None:
+    for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches",
+                "num_ppo_epochs", "local_rollout_forward_batch_size", "response_length", "logging_steps",
+                "save_steps", "sample_steps", "kl_horizon"):
+        require(getattr(ppo, key) > 0, f"ppo.{key}: must be positive, got {getattr(ppo, key)}")
+    for key in ("temperature", "learning_rate", "value_learning_rate", "max_grad_norm"):
+        require(getattr(ppo, key) > 0, f"ppo.{key}: must be positive, got {getattr(ppo, key)}")
+    for key in ("cliprange", "cliprange_value"):
+        require(0 < getattr(ppo, key) < 1, f"ppo.{key}: must be within (0, 1), got {getattr(ppo, key)}")
+    for key in ("gamma", "lam"):
+        require(0 <= getattr(ppo, key) <= 1, f"ppo.{key}: must be within [0, 1], got {getattr(ppo, key)}")
+    require(ppo.kl_coef >= 0, f"ppo.kl_coef: must not be negative, got {ppo.kl_coef}")
+    require(ppo.vf_coef > 0, f"ppo.vf_coef: must be positive, got {ppo.vf_coef}")
+    if ppo.target_kl is not None:
+        require(ppo.target_kl > 0, f"ppo.target_kl: must be positive, got {ppo.target_kl}")
+    if model.name_or_path is None:
+        require(ppo.response_length < model.max_position_embeddings,
+                f"ppo.response_length: {ppo.response_length} leaves no room for a prompt in "
+                f"model.max_position_embeddings={model.max_position_embeddings}")
 
 
 def looks_like_local_path(text: str) -> bool:

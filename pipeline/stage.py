@@ -152,3 +152,20 @@ def run_stage_main(stage: str, runner: Callable[[PipelineConfig, bool], Any], ar
         runner(config, restart)
     except ConfigError as error:
         exit_with_error(str(error))
+
+
+PREVIOUS_STAGE = {"sft": "pretrain", "reward": "sft", "ppo": "sft"}
+
+
+def stage_input_model(config: PipelineConfig, stage: str) -> str:
+    """The model a stage starts from: the previous stage's final/ when that stage is part of the run or
+    finished, else `model.name_or_path` (a hub id or path), else a ConfigError saying what to do."""
+    previous = PREVIOUS_STAGE[stage]
+    final_dir = config.run_dir / previous / "final"
+    if previous in config.run.stages or final_dir.is_dir():
+        if not final_dir.is_dir():
+            raise ConfigError(f"{stage}: needs the {previous} stage's model at {final_dir}; run {previous} first")
+        return str(final_dir)
+    if config.model.name_or_path is None:
+        raise ConfigError(f"{stage}: no input model: add '{previous}' to run.stages or set model.name_or_path")
+    return config.model.name_or_path
