@@ -21,7 +21,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,34 @@ def atomic_directory(destination: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+
+
+def save_training_checkpoint(accelerator, stage_dir: Path, step: int, state: dict[str, Any], keep_last: int,
+                             write_extra: Callable[[Path], None] | None = None) -> None:
+    """Accelerate's state (models, optimizers, RNG of every process) plus `state` as trainer_state.json and
+    whatever `write_extra` adds, renamed into checkpoint-<step> atomically; then older ones are pruned."""
+    stage_dir = Path(stage_dir)
+    temporary = stage_dir / f"{TEMPORARY_PREFIX}state-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))  # every process writes its own RNG file
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_directory(stage_dir / f"checkpoint-{step}") as staging:
+            for path in temporary.iterdir():
+                path.rename(staging / path.name)
+            if write_extra is not None:
+                write_extra(staging)
+            write_json_atomically(staging / "trainer_state.json", {"global_step": step, **state})
+            mark_checkpoint_complete(staging, step)
+        temporary.rmdir()
+        prune_checkpoints(stage_dir, keep_last)
+    accelerator.wait_for_everyone()
+
+
+def read_trainer_state(checkpoint_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(checkpoint_dir) / "trainer_state.json").read_text(encoding="utf-8"))
 
 
 def fsync_tree(root: Path) -> None:

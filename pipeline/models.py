@@ -58,3 +58,14 @@ def configure_generation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def save_hf_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path,
+                  merge_adapter: bool = False) -> None:
+    """Weights as safetensors plus the tokenizer: a directory plain `transformers` loads.
+
+    merge_adapter folds a LoRA adapter into the weights (in place: only for a model that trains no more)."""
+    if merge_adapter and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)

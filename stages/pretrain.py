@@ -11,7 +11,6 @@ started again ends with bit-identical weights on CPU.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -24,9 +23,9 @@ from data.builtin_task import write_builtin_task
 from data.loading import load_source, read_rows, texts_from_rows
 from data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from pipeline.checkpoints import (
-    MetricsLog, atomic_directory, mark_checkpoint_complete, prune_checkpoints, write_manifest)
+    MetricsLog, atomic_directory, read_trainer_state, save_training_checkpoint, write_manifest)
 from pipeline.config import ConfigError, PipelineConfig, PretrainSection
-from pipeline.models import build_llama_from_config, count_parameters, load_causal_lm
+from pipeline.models import build_llama_from_config, count_parameters, load_causal_lm, save_hf_model
 from pipeline.stage import bf16_enabled, plan_stage_start, run_stage_main, seed_everything, stage_fingerprint, trackers
 
 STAGE = "pretrain"
@@ -98,30 +97,6 @@ def learning_rate_at(step: int, settings: PretrainSection) -> float:
     return floor + (peak - floor) * shape
 
 
-# ---------------------------------------------------------------- checkpoints
-def save_checkpoint(accelerator: Accelerator, model, tokenizer, stage_dir: Path, step: int, elapsed_s: float,
-                    keep_last: int) -> None:
-    """Accelerate state (weights, optimizer, RNG per process) plus an HF copy, renamed into place atomically."""
-    temporary = stage_dir / f".tmp-checkpoint-{step}"
-    if accelerator.is_main_process:
-        import shutil
-        shutil.rmtree(temporary, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with atomic_directory(stage_dir / f"checkpoint-{step}") as staging:
-            for path in temporary.iterdir():
-                path.rename(staging / path.name)
-            accelerator.unwrap_model(model).save_pretrained(staging / "model")
-            tokenizer.save_pretrained(staging / "model")
-            (staging / "trainer_state.json").write_text(json.dumps({"global_step": step, "elapsed_s": elapsed_s}))
-            mark_checkpoint_complete(staging, step)
-        temporary.rmdir()
-        prune_checkpoints(stage_dir, keep_last)
-    accelerator.wait_for_everyone()
-
-
 @torch.no_grad()
 def evaluate(model, blocks: torch.Tensor, settings: PretrainSection, accelerator: Accelerator) -> float:
     """Mean next-token loss over the first eval_batches batches of the held-out blocks, across processes."""
@@ -172,7 +147,7 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
     step, elapsed_before = 0, 0.0
     if start.resume_from is not None:
         accelerator.load_state(str(start.resume_from))
-        state = json.loads((start.resume_from / "trainer_state.json").read_text())
+        state = read_trainer_state(start.resume_from)
         step, elapsed_before = state["global_step"], state["elapsed_s"]
         accelerator.print(f"[pretrain] resuming from {start.resume_from} (step {step})")
     if accelerator.is_main_process:
@@ -223,15 +198,16 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
             progress.set_postfix(loss=f"{loss_value:.3f}", **({"eval": f"{last_eval:.3f}"} if last_eval else {}))
         progress.update(1)
         if step % settings.save_steps == 0 or step == settings.max_steps:
-            save_checkpoint(accelerator, model, tokenizer, stage_dir, step, elapsed_before + time.time() - started,
-                            config.run.keep_last_checkpoints)
+            save_training_checkpoint(
+                accelerator, stage_dir, step, {"elapsed_s": elapsed_before + time.time() - started},
+                config.run.keep_last_checkpoints, write_extra=lambda staging: save_hf_model(
+                    accelerator.unwrap_model(model), tokenizer, staging / "model"))
     progress.close()
 
     final_dir = stage_dir / "final"
     if accelerator.is_main_process:
         with atomic_directory(final_dir) as staging:
-            accelerator.unwrap_model(model).save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
+            save_hf_model(accelerator.unwrap_model(model), tokenizer, staging)
         history = metrics_log.read()
         evals = [m for m in history if "eval_loss" in m]
         write_manifest(stage_dir, status="finished", steps=step,

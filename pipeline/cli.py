@@ -1,0 +1,119 @@
+"""The `rlhf` command: run the pipeline, see where a run stands, compare policies, sample from checkpoints.
+
+    rlhf run CONFIG [key=value ...] [--restart STAGE]   pretrain → sft → reward → ppo, then the report
+    rlhf status RUN_DIR                                 which stages are done, in progress, or pending
+    rlhf compare RUN_DIR                                SFT vs PPO samples, scored; writes RUN_DIR/report/
+    rlhf generate CHECKPOINT --prompt TEXT              sample (greedy, temperature, top-k, top-p)
+    rlhf chat CHECKPOINT                                an interactive, streaming chat
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.config import STAGES, ConfigError, load_config
+from pipeline.stage import set_offline_mode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the whole pipeline, skipping finished stages and resuming the rest")
+    run.add_argument("config", help="YAML run config, e.g. configs/default.yaml")
+    run.add_argument("overrides", nargs="*", metavar="key=value")
+    run.add_argument("--restart", action="append", default=[], choices=STAGES, metavar="STAGE",
+                     help="discard this stage's checkpoints and run it from scratch (repeatable)")
+    run.add_argument("--no-report", action="store_true", help="skip the comparison report at the end")
+
+    status = commands.add_parser("status", help="which stages of a run are done, in progress, or pending")
+    status.add_argument("run_dir", type=Path)
+
+    compare = commands.add_parser("compare", help="compare the SFT and PPO policies; write RUN_DIR/report/")
+    compare.add_argument("run_dir", type=Path)
+    compare.add_argument("--prompts", type=int, default=None, help="held-out prompts to sample (default: all)")
+    compare.add_argument("--samples-per-prompt", type=int, default=4)
+    compare.add_argument("--include-pretrained", action="store_true", help="also sample the pretrained model")
+
+    for name, text in (("generate", "sample from any stage checkpoint"), ("chat", "chat with a checkpoint")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("checkpoint", help="a checkpoint directory (e.g. runs/default/ppo/final) or hub id")
+        if name == "generate":
+            command.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
+            command.add_argument("--compare", metavar="OTHER", help="also answer with this checkpoint, side by side")
+        add_sampling_arguments(command)
+
+    arguments = parser.parse_args(argv)
+    try:
+        return COMMANDS[arguments.command](arguments)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set with mass p")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def command_run(arguments: argparse.Namespace) -> int:
+    from pipeline.launch import StageFailed, run_directory_lock, run_stages, summary_table
+
+    config = load_config(arguments.config, arguments.overrides)
+    set_offline_mode(config.run.offline)
+    with run_directory_lock(config.run_dir):
+        try:
+            outcomes = run_stages(config, arguments.overrides, set(arguments.restart))
+        except StageFailed as failure:
+            print(f"\nerror: {failure}", file=sys.stderr)
+            return failure.code if 0 < failure.code < 128 else 1
+        print("\n" + summary_table(outcomes))
+        if not arguments.no_report and "ppo" in config.run.stages:
+            from pipeline.compare import compare_run
+
+            compare_run(config.run_dir)
+    return 0
+
+
+def command_status(arguments: argparse.Namespace) -> int:
+    from pipeline.launch import stage_status
+
+    if not arguments.run_dir.is_dir():
+        raise ConfigError(f"run directory {arguments.run_dir} does not exist")
+    for stage in STAGES:
+        print(f"{stage:<9} {stage_status(arguments.run_dir, stage)}")
+    return 0
+
+
+def command_compare(arguments: argparse.Namespace) -> int:
+    from pipeline.compare import compare_run
+
+    set_offline_mode(True)
+    compare_run(arguments.run_dir, prompts=arguments.prompts, samples_per_prompt=arguments.samples_per_prompt,
+                include_pretrained=arguments.include_pretrained)
+    return 0
+
+
+def command_generate(arguments: argparse.Namespace) -> int:
+    from pipeline.sampling import generate_command
+
+    return generate_command(arguments)
+
+
+def command_chat(arguments: argparse.Namespace) -> int:
+    from pipeline.sampling import chat_command
+
+    return chat_command(arguments)
+
+
+COMMANDS = {"run": command_run, "status": command_status, "compare": command_compare,
+            "generate": command_generate, "chat": command_chat}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,456 @@
+"""Stage 4, RLHF with PPO: optimise the SFT policy against the reward model, with a KL leash to the SFT model.
+
+    accelerate launch -m stages.ppo --config configs/default.yaml [key=value ...]
+
+Each step: sample responses to a batch of prompts (rollout), score them with the reward model and the
+reference policy (experience), compute per-token rewards and GAE advantages, then run num_ppo_epochs of
+clipped policy and value updates over shuffled minibatches. The details that decide whether PPO works are
+listed in ../shared/PPO_NOTES.md; the math lives in pipeline/policy_gradient.py.
+
+Exact resume: checkpoints are taken only between steps, so no rollout buffer is saved. The prompt order and
+the minibatch order are pure functions of (seed, step, epoch); sampling uses the global torch RNG, whose
+state Accelerate saves per process; β and the step go in trainer_state.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import disable_dropout_in_model
+
+from data.builtin_task import gold_score, write_builtin_task
+from data.formats import prompts_from_rows
+from data.loading import load_source, read_rows
+from data.tokenizer import load_tokenizer
+from pipeline.checkpoints import (
+    MetricsLog, atomic_directory, read_trainer_state, save_training_checkpoint, write_manifest)
+from pipeline.config import ConfigError, PipelineConfig, PPOSection
+from pipeline.models import count_parameters, load_causal_lm, save_hf_model
+from pipeline.policy_gradient import (
+    clipped_policy_loss, clipped_value_loss, entropy_from_logits, gae_advantages, kl_controller_from_config,
+    kl_per_token, logprobs_of_tokens, masked_mean, masked_whiten, per_token_rewards, response_mask, truncate_after_eos)
+from pipeline.stage import (
+    bf16_enabled, plan_stage_start, run_stage_main, seed_everything, stage_fingerprint, stage_input_model, trackers)
+from reward_model import RewardNormalization, load_reward_model, score_token_ids
+
+STAGE = "ppo"
+
+
+# ---------------------------------------------------------------- data
+def prompt_conversations(config: PipelineConfig, accelerator: Accelerator) -> tuple[list[list[dict]], bool]:
+    """Prompts to optimise on, as message lists, and whether they come from the built-in task (gold judge)."""
+    if config.data.ppo is None:
+        data_dir = config.run_dir / "data"
+        if accelerator.is_main_process:
+            write_builtin_task(config.data.builtin, data_dir)
+        accelerator.wait_for_everyone()
+        rows = read_rows(data_dir / "ppo_prompts.jsonl")
+        return prompts_from_rows(rows, str(data_dir / "ppo_prompts.jsonl"), config.data.on_bad_rows), True
+    rows, _ = load_source(config.data.ppo, "data.ppo", config.run.seed)
+    return prompts_from_rows(rows, f"data.ppo ({config.data.ppo.path})", config.data.on_bad_rows), False
+
+
+def encode_prompts(conversations: list[list[dict]], tokenizer, max_prompt_tokens: int) -> list[list[int]]:
+    encoded = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True) for c in conversations]
+    encoded = [ids["input_ids"] if isinstance(ids, dict) else list(ids) for ids in encoded]
+    too_long = [i + 1 for i, ids in enumerate(encoded) if len(ids) > max_prompt_tokens]
+    if too_long:
+        raise ConfigError(f"ppo.response_length: prompt row {too_long[0]} has more than {max_prompt_tokens} tokens, "
+                          f"leaving no room for a {max_prompt_tokens}-token context; shorten prompts or responses")
+    return encoded
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding, so that every prompt ends where generation starts."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, width - len(sequence):] = torch.tensor(sequence)
+        mask[row, width - len(sequence):] = 1
+    return ids, mask
+
+
+def rollout_batch_size(settings: PPOSection) -> int:
+    return settings.per_device_train_batch_size * settings.gradient_accumulation_steps * settings.num_mini_batches
+
+
+def prompt_indices(step: int, settings: PPOSection, num_prompts: int, seed: int, process_index: int,
+                   num_processes: int) -> torch.Tensor:
+    """This process's prompts for a step: a seeded permutation per epoch over prompts, read in order."""
+    local = rollout_batch_size(settings)
+    global_batch = local * num_processes
+    steps_per_epoch = num_prompts // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"ppo.per_device_train_batch_size: a rollout batch of {global_batch} prompts exceeds "
+                          f"the {num_prompts} prompts available")
+    epoch, step_in_epoch = divmod(step, steps_per_epoch)
+    order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed + epoch))
+    start = step_in_epoch * global_batch + process_index * local
+    return order[start: start + local]
+
+
+# ---------------------------------------------------------------- models
+class ValueModel(torch.nn.Module):
+    """Per-token values from a sequence-classification model: its scalar head applied at every position."""
+
+    def __init__(self, classifier: torch.nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        backbone = getattr(self.classifier, self.classifier.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return self.classifier.score(hidden).squeeze(-1).float()
+
+
+def build_policy(config: PipelineConfig, policy_path: str, tokenizer):
+    policy = load_causal_lm(policy_path, tokenizer, config.model.trust_remote_code)
+    if config.ppo.peft is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = config.ppo.peft
+        policy = get_peft_model(policy, LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                                                   target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        return policy, None  # the reference is the same model with the adapter disabled: no second copy
+    reference = load_causal_lm(policy_path, tokenizer, config.model.trust_remote_code)
+    return policy, reference
+
+
+def build_critic(config: PipelineConfig, policy_path: str, reward_path: Path, tokenizer) -> ValueModel:
+    source = str(reward_path) if config.ppo.critic_init == "reward" else policy_path
+    classifier = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=1, use_safetensors=True, dtype=torch.float32, trust_remote_code=config.model.trust_remote_code)
+    classifier.config.pad_token_id = tokenizer.pad_token_id
+    return ValueModel(classifier)
+
+
+def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens, as `generate` does with left padding."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logits(policy, sequences, attention_mask, context_length: int) -> torch.Tensor:
+    """Logits that predict each response token (the position before it)."""
+    logits = policy(input_ids=sequences, attention_mask=attention_mask,
+                    position_ids=position_ids_of(attention_mask)).logits
+    return logits[:, context_length - 1: -1]
+
+
+# ---------------------------------------------------------------- experience
+@dataclass
+class Experience:
+    sequences: torch.Tensor  # prompt + response ids [B, Lq + T]
+    attention_mask: torch.Tensor
+    mask: torch.Tensor  # valid response tokens [B, T]
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+@torch.no_grad()
+def collect_experience(policy, reference, critic, reward_model, normalization, tokenizer, kl_value: float,
+                       queries, query_mask, settings: PPOSection, accelerator: Accelerator):
+    """Rollout and scoring: responses, rewards, advantages, and the statistics to log."""
+    context_length = queries.shape[1]
+    chunk = settings.local_rollout_forward_batch_size
+    with unwrap_model_for_generation(policy, accelerator) as generator:
+        generated = sample_responses(generator, queries, query_mask, settings, tokenizer)
+    responses = truncate_after_eos(generated, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    mask, _, _ = response_mask(responses, tokenizer.eos_token_id)
+    responses = responses[:, : int(mask.sum(1).max())]  # columns that are padding in every row cost compute only
+    mask, last_index, contains_eos = response_mask(responses, tokenizer.eos_token_id)
+    sequences = torch.cat([queries, responses], dim=1)
+    attention_mask = torch.cat([query_mask, mask.long()], dim=1)
+
+    logprobs, ref_logprobs, values, scores, entropies = [], [], [], [], []
+    for i in range(0, len(queries), chunk):
+        part, part_mask = sequences[i: i + chunk], attention_mask[i: i + chunk]
+        part_responses = responses[i: i + chunk]
+        logits = response_logits(policy, part, part_mask, context_length)
+        logprobs.append(logprobs_of_tokens(logits, part_responses, settings.temperature))
+        entropies.append(entropy_from_logits(logits, settings.temperature))
+        if reference is None:
+            with accelerator.unwrap_model(policy).disable_adapter():
+                ref_logits = response_logits(policy, part, part_mask, context_length)
+        else:
+            ref_logits = response_logits(reference, part, part_mask, context_length)
+        ref_logprobs.append(logprobs_of_tokens(ref_logits, part_responses, settings.temperature))
+        values.append(critic(part, part_mask, position_ids_of(part_mask))[:, context_length - 1: -1])
+        scores.append(score_token_ids(reward_model, part, part_mask))
+    logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
+    values, raw_scores, entropy = torch.cat(values), torch.cat(scores).float(), torch.cat(entropies)
+
+    scores = normalization.apply(raw_scores) if settings.normalize_reward else raw_scores.clone()
+    if settings.missing_eos_penalty is not None:
+        scores[~contains_eos] -= settings.missing_eos_penalty
+    kl = kl_per_token(logprobs, ref_logprobs, settings.kl_estimator)
+    rewards, non_score_rewards = per_token_rewards(scores, kl, mask, last_index, kl_value)
+    if settings.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae_advantages(rewards, values.masked_fill(~mask, 0.0), mask, settings.gamma, settings.lam)
+    advantages = masked_whiten(advantages, mask)
+
+    k1 = (logprobs - ref_logprobs).masked_fill(~mask, 0.0).sum(1)
+    statistics = {
+        "objective/scores": scores.mean(), "objective/raw_scores": raw_scores.mean(),
+        "objective/kl": k1.mean(), "objective/kl_k3": kl_per_token(logprobs, ref_logprobs, "k3").masked_fill(~mask, 0.0).sum(1).mean(),
+        "objective/non_score_reward": non_score_rewards.sum(1).mean(),
+        "objective/rlhf_reward": scores.mean() - kl_value * k1.mean(),
+        "objective/entropy": masked_mean(entropy, mask),
+        "val/response_length": mask.sum(1).float().mean(), "val/eos_share": contains_eos.float().mean(),
+    }
+    experience = Experience(sequences, attention_mask, mask, logprobs, values, advantages, returns)
+    return experience, responses, statistics
+
+
+def sample_responses(generator, queries, query_mask, settings: PPOSection, tokenizer) -> torch.Tensor:
+    """Sample from π itself: temperature only, no top-k / top-p, so the PPO ratio and KL are unbiased."""
+    context_length, pieces = queries.shape[1], []
+    for i in range(0, len(queries), settings.local_rollout_forward_batch_size):
+        output = generator.generate(
+            input_ids=queries[i: i + settings.local_rollout_forward_batch_size],
+            attention_mask=query_mask[i: i + settings.local_rollout_forward_batch_size],
+            max_new_tokens=settings.response_length, do_sample=True,
+            temperature=settings.temperature, top_k=0, top_p=1.0,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        piece = output[:, context_length:]
+        pieces.append(torch.nn.functional.pad(piece, (0, settings.response_length - piece.shape[1]),
+                                              value=tokenizer.pad_token_id))
+    return torch.cat(pieces)
+
+
+# ---------------------------------------------------------------- optimisation
+def ppo_update(policy, critic, policy_optimizer, critic_optimizer, experience: Experience, settings: PPOSection,
+               accelerator: Accelerator, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """num_ppo_epochs passes of shuffled minibatches, each of gradient_accumulation_steps micro-batches."""
+    context_length = experience.sequences.shape[1] - experience.mask.shape[1]
+    local_batch = len(experience.sequences)
+    minibatch = local_batch // settings.num_mini_batches
+    micro = settings.per_device_train_batch_size
+    totals: dict[str, list[torch.Tensor]] = {}
+    for _ in range(settings.num_ppo_epochs):
+        order = torch.randperm(local_batch, generator=generator)
+        for start in range(0, local_batch, minibatch):
+            minibatch_indices = order[start: start + minibatch]
+            for micro_start in range(0, minibatch, micro):
+                indices = minibatch_indices[micro_start: micro_start + micro]
+                last_micro = micro_start + micro >= minibatch
+                sync = contextlib.nullcontext() if last_micro else _no_sync(accelerator, policy, critic)
+                with sync:
+                    statistics = micro_batch_loss(policy, critic, experience, indices, context_length, settings,
+                                                  accelerator)
+                for key, value in statistics.items():
+                    totals.setdefault(key, []).append(value)
+            totals.setdefault("policy/grad_norm", []).append(
+                accelerator.clip_grad_norm_(policy.parameters(), settings.max_grad_norm).detach().float())
+            totals.setdefault("val/grad_norm", []).append(
+                accelerator.clip_grad_norm_(critic.parameters(), settings.max_grad_norm).detach().float())
+            policy_optimizer.step()
+            critic_optimizer.step()
+            policy_optimizer.zero_grad(set_to_none=True)
+            critic_optimizer.zero_grad(set_to_none=True)
+    return {key: torch.stack(values).mean() for key, values in totals.items()}
+
+
+def micro_batch_loss(policy, critic, experience: Experience, indices, context_length: int, settings: PPOSection,
+                     accelerator: Accelerator) -> dict[str, torch.Tensor]:
+    sequences, attention_mask = experience.sequences[indices], experience.attention_mask[indices]
+    mask = experience.mask[indices]
+    logits = response_logits(policy, sequences, attention_mask, context_length)
+    logprobs = logprobs_of_tokens(logits, sequences[:, context_length:], settings.temperature)
+    policy_loss, policy_stats = clipped_policy_loss(logprobs, experience.old_logprobs[indices],
+                                                    experience.advantages[indices], mask, settings.cliprange)
+    values = critic(sequences, attention_mask, position_ids_of(attention_mask))[:, context_length - 1: -1]
+    value_loss, value_stats = clipped_value_loss(values, experience.old_values[indices], experience.returns[indices],
+                                                 mask, settings.cliprange_value)
+    loss = (policy_loss + settings.vf_coef * value_loss) / settings.gradient_accumulation_steps
+    accelerator.backward(loss)
+    with torch.no_grad():
+        entropy = masked_mean(entropy_from_logits(logits, settings.temperature), mask)
+    return {"loss/policy_avg": policy_loss.detach(), "loss/value_avg": value_loss.detach(),
+            "policy/clipfrac_avg": policy_stats["clipfrac"], "policy/approxkl_avg": policy_stats["approxkl"],
+            "val/ratio": policy_stats["ratio_mean"], "val/ratio_var": policy_stats["ratio_var"],
+            "val/clipfrac_avg": value_stats["vf_clipfrac"], "policy/entropy_avg": entropy}
+
+
+@contextlib.contextmanager
+def _no_sync(accelerator: Accelerator, *models):
+    """DDP all-reduces after every backward; only the last micro-batch of a minibatch needs it."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(accelerator.no_sync(model))
+        yield
+
+
+# ---------------------------------------------------------------- the stage
+def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
+    """Optimise the SFT policy against the reward model; return the directory of the final policy."""
+    settings = config.ppo
+    accelerator = Accelerator(mixed_precision="bf16" if bf16_enabled(settings.bf16) else "no",
+                              log_with=trackers(settings.report_to), project_dir=str(config.run_dir / STAGE))
+    start = plan_stage_start(config, STAGE, restart, accelerator.is_main_process)
+    stage_dir, final_dir = start.stage_dir, start.stage_dir / "final"
+    if start.already_finished:
+        accelerator.print(f"[ppo] already finished: {final_dir}")
+        return final_dir
+    policy_path = stage_input_model(config, STAGE)
+    reward_path = config.run_dir / "reward" / "final"
+    if not reward_path.is_dir():
+        raise ConfigError(f"ppo: needs the reward stage's model at {reward_path}; run the reward stage first")
+    # Different processes must sample different responses: offset the seed by the process index.
+    seed_everything(config.run.seed + accelerator.process_index)
+    accelerator.print(f"[ppo] run {config.run_dir} on {accelerator.num_processes} process(es), {accelerator.device}, "
+                      f"{accelerator.mixed_precision}; policy {policy_path}, reward model {reward_path}")
+
+    tokenizer = load_tokenizer(policy_path, config.model.trust_remote_code)
+    conversations, builtin = prompt_conversations(config, accelerator)
+    context_limit = policy_context_length(policy_path, config)
+    prompts = encode_prompts(conversations, tokenizer, context_limit - settings.response_length)
+    prompt_texts = [c[-1]["content"] for c in conversations]
+
+    policy, reference = build_policy(config, policy_path, tokenizer)
+    critic = build_critic(config, policy_path, reward_path, tokenizer)
+    reward_model, reward_tokenizer = load_reward_model(str(reward_path), config.model.trust_remote_code)
+    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError("ppo: the policy and the reward model use different tokenizers; PPO scores token ids "
+                          "directly, so train the reward model from this policy's SFT checkpoint")
+    normalization = RewardNormalization.load(reward_path)
+    for model in (policy, reference, critic, reward_model):
+        if model is not None:
+            disable_dropout_in_model(model)
+    policy_optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=settings.learning_rate,
+                                         eps=1e-5)
+    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=settings.value_learning_rate, eps=1e-5)
+    policy, critic, policy_optimizer, critic_optimizer = accelerator.prepare(
+        policy, critic, policy_optimizer, critic_optimizer)
+    reward_model = frozen_on_device(reward_model, accelerator)
+    reference = frozen_on_device(reference, accelerator) if reference is not None else None
+    kl_controller = kl_controller_from_config(settings.kl_coef, settings.target_kl, settings.kl_horizon)
+
+    step, elapsed_before = 0, 0.0
+    if start.resume_from is not None:
+        accelerator.load_state(str(start.resume_from))
+        state = read_trainer_state(start.resume_from)
+        step, elapsed_before = state["global_step"], state["elapsed_s"]
+        kl_controller.load_state_dict(state["kl_controller"])
+        accelerator.print(f"[ppo] resuming from {start.resume_from} (step {step})")
+    if accelerator.is_main_process:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        write_manifest(stage_dir, stage=STAGE, status="running", config=stage_fingerprint(config, STAGE),
+                       input_checkpoint=policy_path, reward_checkpoint=str(reward_path), max_steps=settings.max_steps,
+                       parameters=count_parameters(accelerator.unwrap_model(policy)))
+    resumed_at = step if start.resume_from else None
+    metrics_log = MetricsLog(stage_dir / "metrics.jsonl", resumed_at, enabled=accelerator.is_main_process)
+    samples_log = MetricsLog(stage_dir / "samples.jsonl", resumed_at, enabled=accelerator.is_main_process)
+    accelerator.init_trackers(STAGE)
+
+    progress = tqdm(total=settings.max_steps, initial=step, desc="ppo", disable=not accelerator.is_local_main_process)
+    started, first_step, best_eos_share = time.time(), step, 0.0
+    while step < settings.max_steps:
+        indices = prompt_indices(step, settings, len(prompts), config.run.seed, accelerator.process_index,
+                                 accelerator.num_processes)
+        queries, query_mask = left_pad([prompts[i] for i in indices], tokenizer.pad_token_id)
+        queries, query_mask = queries.to(accelerator.device), query_mask.to(accelerator.device)
+        policy.eval(), critic.eval()
+        experience, responses, rollout_stats = collect_experience(
+            policy, reference, critic, reward_model, normalization, tokenizer, kl_controller.value,
+            queries, query_mask, settings, accelerator)
+        policy.train(), critic.train()
+        shuffle = torch.Generator().manual_seed(config.run.seed * 100_003 + step * 101 + accelerator.process_index)
+        update_stats = ppo_update(policy, critic, policy_optimizer, critic_optimizer, experience, settings,
+                                  accelerator, shuffle)
+        step += 1
+
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        local = {**rollout_stats, **update_stats}
+        if builtin:
+            local["objective/gold_score"] = torch.tensor(
+                sum(gold_score(prompt_texts[i], t) for i, t in zip(indices.tolist(), texts)) / len(texts))
+        metrics = {k: v.item() for k, v in zip(local, accelerator.reduce(
+            torch.stack([v.float().to(accelerator.device) for v in local.values()]), reduction="mean"))}
+        metrics["objective/kl_coef"] = kl_controller.value
+        kl_controller.update(metrics["objective/kl"], rollout_batch_size(settings) * accelerator.num_processes)
+        check_health(metrics, step, best_eos_share, accelerator)
+        best_eos_share = max(best_eos_share, metrics["val/eos_share"])
+        if step % settings.logging_steps == 0 or step == settings.max_steps:
+            accelerator.log(metrics, step=step)
+            metrics_log.write(step, metrics)
+        if step % settings.sample_steps == 0 or step == settings.max_steps:
+            shown = [{"prompt": prompt_texts[i], "response": t} for i, t in zip(indices.tolist()[:4], texts[:4])]
+            samples_log.write(step, {"samples": shown})
+            accelerator.print("\n".join(f"[ppo step {step}] {s['prompt']!r} -> {s['response']!r}" for s in shown[:2]))
+        progress.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}",
+                             **({"gold": f"{metrics['objective/gold_score']:.2f}"} if builtin else {}))
+        progress.update(1)
+        if step % settings.save_steps == 0 or step == settings.max_steps:
+            save_training_checkpoint(
+                accelerator, stage_dir, step,
+                {"elapsed_s": elapsed_before + time.time() - started, "kl_controller": kl_controller.state_dict()},
+                config.run.keep_last_checkpoints)
+    progress.close()
+
+    if accelerator.is_main_process:
+        with atomic_directory(final_dir) as staging:
+            save_hf_model(accelerator.unwrap_model(policy), tokenizer, staging, merge_adapter=True)
+        history = metrics_log.read()
+        last = history[-1] if history else {}
+        write_manifest(stage_dir, status="finished", steps=step,
+                       wall_time_s=round(elapsed_before + time.time() - started, 1),
+                       seconds_per_step=round((time.time() - started) / max(step - first_step, 1), 3),
+                       metrics={k: last.get(k) for k in ("objective/scores", "objective/kl", "objective/gold_score",
+                                                          "val/response_length", "val/eos_share")})
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    accelerator.print(f"[ppo] done: {final_dir}")
+    return final_dir
+
+
+def policy_context_length(policy_path: str, config: PipelineConfig) -> int:
+    """The policy's context length, read from its config without loading weights."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=config.model.trust_remote_code)
+    return getattr(model_config, "max_position_embeddings", None) or 2048
+
+
+def frozen_on_device(model, accelerator: Accelerator):
+    """A model that only scores: no gradients, eval mode, on the device; bf16 weights where training uses bf16."""
+    model.requires_grad_(False)
+    model.eval()
+    return model.to(accelerator.device)
+
+
+def check_health(metrics: dict[str, float], step: int, best_eos_share: float, accelerator: Accelerator) -> None:
+    """Stop on NaN/inf before it reaches a checkpoint; warn on the two classic signs of a broken setup."""
+    bad = [k for k in ("loss/policy_avg", "loss/value_avg", "objective/scores", "objective/kl")
+           if not math.isfinite(metrics[k])]
+    if bad:
+        raise FloatingPointError(f"ppo: {bad[0]} became {metrics[bad[0]]} at step {step}; stopped before saving, "
+                                 f"the last good checkpoint is kept (lower ppo.learning_rate and resume)")
+    if metrics["objective/kl"] < -0.5:
+        warnings.warn(f"ppo step {step}: KL to the reference is {metrics['objective/kl']:.3f} < 0: the samples do "
+                      f"not come from the policy (sampling settings, dropout, or precision mismatch)")
+    if best_eos_share >= 0.5 and metrics["val/eos_share"] < 0.5 * best_eos_share:
+        warnings.warn(f"ppo step {step}: only {metrics['val/eos_share']:.0%} of responses end with EOS "
+                      f"(was {best_eos_share:.0%}); the policy is drifting to over-long outputs")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage_main(STAGE, run_ppo, argv)
+
+
+if __name__ == "__main__":
+    main()

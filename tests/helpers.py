@@ -1,0 +1,62 @@
+"""Shared by the tests: run a stage in a subprocess, kill it at a chosen moment, compare weights."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def stage_command(stage: str, *overrides: str, processes: int = 1) -> list[str]:
+    if processes == 1:
+        return [sys.executable, "-m", f"stages.{stage}", "--config", str(SMOKE), *overrides]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", f"stages.{stage}",
+            "--config", str(SMOKE), *overrides]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1"}
+
+
+def run_stage(stage: str, *overrides: str, processes: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(stage_command(stage, *overrides, processes=processes), cwd=REPO, env=environment(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_and_kill_when(stage: str, condition, *overrides: str, timeout: float = 300) -> None:
+    """Start a stage, SIGKILL it as soon as `condition()` holds; fail if it finishes first."""
+    process = subprocess.Popen(stage_command(stage, *overrides), cwd=REPO, env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"{stage} finished before the kill point: {process.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError(f"{stage}: kill point not reached in {timeout}s")
+
+
+def load_weights(directory: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(str(Path(directory) / name))
+
+
+def assert_identical_weights(a: Path, b: Path, name: str = "model.safetensors") -> None:
+    first, second = load_weights(a, name), load_weights(b, name)
+    assert first.keys() == second.keys()
+    different = [k for k in first if not torch.equal(first[k], second[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
