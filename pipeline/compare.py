@@ -1,0 +1,171 @@
+"""`rlhf compare`: what RLHF changed. Sample the SFT and PPO policies on the same held-out prompts with the same
+seeds, score every sample with the reward model (and the gold judge on the built-in task), and measure each
+PPO sample's KL to the SFT policy. The report (pipeline/report.py) shows it to a person at a glance."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.builtin_task import gold_score
+from data.formats import prompts_from_rows
+from data.loading import load_source, read_rows
+from data.tokenizer import load_tokenizer
+from pipeline.checkpoints import read_manifest
+from pipeline.config import ConfigError, DatasetSource
+from pipeline.models import load_causal_lm
+from reward_model import RewardNormalization, load_reward_model, score_responses
+
+POLICIES = ("pretrain", "sft", "ppo")
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    policy: str
+    response: str
+    reward: float
+    gold: float | None
+    kl_to_sft: float | None
+    length: int
+
+
+@dataclass
+class Comparison:
+    prompts: list[str]
+    samples: list[Sample]
+    win_rates: dict[str, dict[str, float]] = field(default_factory=dict)
+    means: dict[str, dict[str, float]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompts": self.prompts, "samples": [asdict(s) for s in self.samples], "win_rates": self.win_rates,
+                "means": self.means, "settings": self.settings}
+
+
+def evaluation_prompts(run_dir: Path, ppo_config: dict[str, Any]) -> tuple[list[str], bool]:
+    """Held-out prompts (user message texts) and whether they come from the built-in task."""
+    source = ppo_config.get("data.ppo")
+    if source is None:
+        path = run_dir / "data" / "eval_prompts.jsonl"
+        conversations = prompts_from_rows(read_rows(path), str(path), "error")
+        return [c[-1]["content"] for c in conversations], True
+    _, held_out = load_source(DatasetSource(**source), "data.ppo", ppo_config.get("run.seed", 0))
+    conversations = prompts_from_rows(held_out, f"data.ppo ({source['path']}) held-out", "skip")
+    return [c[-1]["content"] for c in conversations], False
+
+
+@torch.no_grad()
+def sample_policy(model, tokenizer, prompts: list[str], samples_per_prompt: int, temperature: float,
+                  max_new_tokens: int, seed: int, batch_size: int = 64) -> list[tuple[int, list[int]]]:
+    """(prompt index, response token ids) for every sample; the same seed for every policy."""
+    torch.manual_seed(seed)
+    jobs = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)]
+    encoded = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=True)["input_ids"] for p in prompts]
+    results = []
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start: start + batch_size]
+        width = max(len(encoded[i]) for i in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        output = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
+                                top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id)[:, width:]
+        for row, i in enumerate(batch):
+            tokens = output[row].tolist()
+            if tokenizer.eos_token_id in tokens:
+                tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
+            results.append((i, [t for t in tokens if t != tokenizer.pad_token_id]))
+    return results
+
+
+@torch.no_grad()
+def sequence_logprob(model, tokenizer, prompt: str, response_ids: list[int], temperature: float) -> float:
+    """log π(response | prompt) at the sampling temperature."""
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=True)["input_ids"]
+    ids = torch.tensor([prompt_ids + response_ids])
+    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1: -1].float() / (temperature + 1e-7)
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response_ids)[:, None]).sum().item()
+
+
+def win_rate(first: list[float], second: list[float]) -> dict[str, float]:
+    """Share of prompts where `first` beats `second` (ties count half), with a 95% Wilson interval."""
+    n = len(first)
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(first, second))
+    p = wins / n if n else float("nan")
+    z = 1.96
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n) if n else float("nan")
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n) if n else float("nan")
+    ties = sum(a == b for a, b in zip(first, second))
+    return {"win_rate": p, "low": max(0.0, centre - half), "high": min(1.0, centre + half), "prompts": n, "ties": ties}
+
+
+def compare_run(run_dir: Path, prompts: int | None = None, samples_per_prompt: int = 4, include_pretrained: bool = False,
+                seed: int = 1234) -> Comparison:
+    """Sample, score and compare the run's policies; write RUN_DIR/report/ and print a short table."""
+    run_dir = Path(run_dir)
+    ppo_manifest = read_manifest(run_dir / "ppo")
+    if ppo_manifest is None or not (run_dir / "ppo" / "final").is_dir():
+        raise ConfigError(f"{run_dir}: no finished PPO stage to compare (expected {run_dir / 'ppo' / 'final'})")
+    ppo_config = ppo_manifest["config"]
+    temperature, max_new_tokens = ppo_config["ppo"]["temperature"], ppo_config["ppo"]["response_length"]
+    texts, builtin = evaluation_prompts(run_dir, ppo_config)
+    texts = texts[:prompts] if prompts else texts
+    if not texts:
+        raise ConfigError(f"{run_dir}: no held-out prompts to compare on")
+
+    policies = {name: Path(ppo_manifest["input_checkpoint"]) if name == "sft" else run_dir / name / "final"
+                for name in POLICIES if name != "pretrain" or include_pretrained}
+    reward_dir = Path(ppo_manifest["reward_checkpoint"])
+    reward_model, reward_tokenizer = load_reward_model(str(reward_dir))
+    normalization = RewardNormalization.load(reward_dir)
+    tokenizer = load_tokenizer(policies["sft"])
+    models = {name: load_causal_lm(path, tokenizer).eval() for name, path in policies.items()}
+
+    samples: list[Sample] = []
+    for name, model in models.items():
+        drawn = sample_policy(model, tokenizer, texts, samples_per_prompt, temperature, max_new_tokens, seed)
+        responses = [tokenizer.decode(ids, skip_special_tokens=True) for _, ids in drawn]
+        rewards = normalization.apply(score_responses(reward_model, reward_tokenizer,
+                                                      [texts[i] for i, _ in drawn], responses)).tolist()
+        for (index, ids), response, reward in zip(drawn, responses, rewards):
+            kl = None
+            if name != "sft":
+                kl = (sequence_logprob(model, tokenizer, texts[index], ids, temperature)
+                      - sequence_logprob(models["sft"], tokenizer, texts[index], ids, temperature))
+            samples.append(Sample(index, name, response, reward, gold_score(texts[index], response) if builtin else None,
+                                  kl, len(ids)))
+
+    comparison = Comparison(texts, samples, settings={
+        "samples_per_prompt": samples_per_prompt, "temperature": temperature, "max_new_tokens": max_new_tokens,
+        "seed": seed, "builtin_task": builtin, "policies": {k: str(v) for k, v in policies.items()}})
+    for name in models:
+        mine = [s for s in samples if s.policy == name]
+        comparison.means[name] = {
+            "reward": mean(s.reward for s in mine), "length": mean(s.length for s in mine),
+            **({"gold": mean(s.gold for s in mine)} if builtin else {}),
+            **({"kl_to_sft": mean(s.kl_to_sft for s in mine)} if name != "sft" else {})}
+    for metric in ("reward", "gold") if builtin else ("reward",):
+        per_prompt = {name: [mean(getattr(s, metric) for s in samples if s.policy == name and s.prompt_index == i)
+                             for i in range(len(texts))] for name in models}
+        comparison.win_rates[metric] = win_rate(per_prompt["ppo"], per_prompt["sft"])
+
+    from pipeline.report import print_summary, write_report
+
+    write_report(run_dir, comparison)
+    print_summary(comparison)
+    return comparison
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
