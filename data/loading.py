@@ -2,7 +2,7 @@
 
 Formats (https://huggingface.co/docs/trl/dataset_formats), each standard (strings) or conversational
 (lists of {"role", "content"} messages):
-    text               {"text"}
+    text               {"text"}  (or a plain .txt file: one document per paragraph)
     messages           {"messages"}
     prompt-completion  {"prompt", "completion"}
     preference         {"prompt"?, "chosen", "rejected"}  (implicit prompt when "prompt" is absent)
@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.config import DatasetSource, looks_like_local_path
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 
 
 class DataError(ValueError):
@@ -44,7 +44,13 @@ def read_rows(path: str | Path, key: str = "data") -> list[dict[str, Any]]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as handle:
         raw = handle.read()
-    if kind == ".json":
+    if kind == ".txt":  # plain text: each paragraph (blank-line separated) is one document of a text dataset
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: not UTF-8 text (byte {error.start})") from None
+        rows = [{"text": p.strip("\n")} for p in text.split("\n\n") if p.strip()]
+    elif kind == ".json":
         try:
             payload = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as error:

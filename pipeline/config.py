@@ -239,7 +239,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 def dataclass_from_dict(cls: type, raw: Any, prefix: str) -> Any:
     """Build dataclass `cls` from a dict, naming the dotted key of the first unknown or mistyped field."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
     for key in raw:

@@ -62,12 +62,14 @@ def prompt_conversations(config: PipelineConfig, accelerator: Accelerator) -> tu
 
 
 def encode_prompts(conversations: list[list[dict]], tokenizer, max_prompt_tokens: int) -> list[list[int]]:
+    """Token ids of each prompt with the generation prompt; a prompt too long for the context names its row."""
     encoded = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True) for c in conversations]
     encoded = [ids["input_ids"] if isinstance(ids, dict) else list(ids) for ids in encoded]
     too_long = [i + 1 for i, ids in enumerate(encoded) if len(ids) > max_prompt_tokens]
     if too_long:
         raise ConfigError(f"ppo.response_length: prompt row {too_long[0]} has more than {max_prompt_tokens} tokens, "
-                          f"leaving no room for a {max_prompt_tokens}-token context; shorten prompts or responses")
+                          f"so prompt and response do not fit the model's context; shorten the prompts or the "
+                          f"responses")
     return encoded
 
 
@@ -160,25 +162,40 @@ class Experience:
     returns: torch.Tensor
 
 
+@dataclass
+class Rollout:
+    queries: torch.Tensor  # left-padded prompts [B, Lq]
+    query_mask: torch.Tensor
+    responses: torch.Tensor  # [B, T], padding after the first EOS
+    mask: torch.Tensor  # valid response tokens, the EOS included
+    last_index: torch.Tensor  # where each response's score goes
+    contains_eos: torch.Tensor
+
+
 @torch.no_grad()
-def collect_experience(policy, reference, critic, reward_model, normalization, tokenizer, kl_value: float,
-                       queries, query_mask, settings: PPOSection, accelerator: Accelerator):
-    """Rollout and scoring: responses, rewards, advantages, and the statistics to log."""
-    context_length = queries.shape[1]
-    chunk = settings.local_rollout_forward_batch_size
+def generate_rollout(policy, tokenizer, queries, query_mask, settings: PPOSection, accelerator: Accelerator) -> Rollout:
+    """Sample responses with the KV cache; cut each at its first EOS."""
     with unwrap_model_for_generation(policy, accelerator) as generator:
         generated = sample_responses(generator, queries, query_mask, settings, tokenizer)
     responses = truncate_after_eos(generated, tokenizer.eos_token_id, tokenizer.pad_token_id)
     mask, _, _ = response_mask(responses, tokenizer.eos_token_id)
     responses = responses[:, : int(mask.sum(1).max())]  # columns that are padding in every row cost compute only
     mask, last_index, contains_eos = response_mask(responses, tokenizer.eos_token_id)
-    sequences = torch.cat([queries, responses], dim=1)
-    attention_mask = torch.cat([query_mask, mask.long()], dim=1)
+    return Rollout(queries, query_mask, responses, mask, last_index, contains_eos)
 
+
+@torch.no_grad()
+def score_rollout(rollout: Rollout, policy, reference, critic, reward_model, normalization, kl_value: float,
+                  settings: PPOSection, accelerator: Accelerator) -> tuple[Experience, dict[str, torch.Tensor]]:
+    """Old logprobs, reference logprobs, values and scores by no-grad forwards through the training code path
+    (not `generate`'s scores, which differ under bf16 autocast); then per-token rewards and GAE advantages."""
+    context_length, chunk, mask = rollout.queries.shape[1], settings.local_rollout_forward_batch_size, rollout.mask
+    sequences = torch.cat([rollout.queries, rollout.responses], dim=1)
+    attention_mask = torch.cat([rollout.query_mask, mask.long()], dim=1)
     logprobs, ref_logprobs, values, scores, entropies = [], [], [], [], []
-    for i in range(0, len(queries), chunk):
+    for i in range(0, len(sequences), chunk):
         part, part_mask = sequences[i: i + chunk], attention_mask[i: i + chunk]
-        part_responses = responses[i: i + chunk]
+        part_responses = rollout.responses[i: i + chunk]
         logits = response_logits(policy, part, part_mask, context_length)
         logprobs.append(logprobs_of_tokens(logits, part_responses, settings.temperature))
         entropies.append(entropy_from_logits(logits, settings.temperature))
@@ -195,25 +212,26 @@ def collect_experience(policy, reference, critic, reward_model, normalization, t
 
     scores = normalization.apply(raw_scores) if settings.normalize_reward else raw_scores.clone()
     if settings.missing_eos_penalty is not None:
-        scores[~contains_eos] -= settings.missing_eos_penalty
+        scores[~rollout.contains_eos] -= settings.missing_eos_penalty
     kl = kl_per_token(logprobs, ref_logprobs, settings.kl_estimator)
-    rewards, non_score_rewards = per_token_rewards(scores, kl, mask, last_index, kl_value)
+    rewards, non_score_rewards = per_token_rewards(scores, kl, mask, rollout.last_index, kl_value)
     if settings.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = gae_advantages(rewards, values.masked_fill(~mask, 0.0), mask, settings.gamma, settings.lam)
+    values = values.masked_fill(~mask, 0.0)
+    advantages, returns = gae_advantages(rewards, values, mask, settings.gamma, settings.lam)
     advantages = masked_whiten(advantages, mask)
 
     k1 = (logprobs - ref_logprobs).masked_fill(~mask, 0.0).sum(1)
+    k3 = kl_per_token(logprobs, ref_logprobs, "k3").masked_fill(~mask, 0.0).sum(1)
     statistics = {
         "objective/scores": scores.mean(), "objective/raw_scores": raw_scores.mean(),
-        "objective/kl": k1.mean(), "objective/kl_k3": kl_per_token(logprobs, ref_logprobs, "k3").masked_fill(~mask, 0.0).sum(1).mean(),
+        "objective/kl": k1.mean(), "objective/kl_k3": k3.mean(),
         "objective/non_score_reward": non_score_rewards.sum(1).mean(),
-        "objective/rlhf_reward": scores.mean() - kl_value * k1.mean(),
+        "objective/rlhf_reward": scores.mean() + non_score_rewards.sum(1).mean(),
         "objective/entropy": masked_mean(entropy, mask),
-        "val/response_length": mask.sum(1).float().mean(), "val/eos_share": contains_eos.float().mean(),
+        "val/response_length": mask.sum(1).float().mean(), "val/eos_share": rollout.contains_eos.float().mean(),
     }
-    experience = Experience(sequences, attention_mask, mask, logprobs, values, advantages, returns)
-    return experience, responses, statistics
+    return Experience(sequences, attention_mask, mask, logprobs, values, advantages, returns), statistics
 
 
 def sample_responses(generator, queries, query_mask, settings: PPOSection, tokenizer) -> torch.Tensor:
@@ -365,16 +383,16 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
         queries, query_mask = left_pad([prompts[i] for i in indices], tokenizer.pad_token_id)
         queries, query_mask = queries.to(accelerator.device), query_mask.to(accelerator.device)
         policy.eval(), critic.eval()
-        experience, responses, rollout_stats = collect_experience(
-            policy, reference, critic, reward_model, normalization, tokenizer, kl_controller.value,
-            queries, query_mask, settings, accelerator)
+        rollout = generate_rollout(policy, tokenizer, queries, query_mask, settings, accelerator)
+        experience, rollout_stats = score_rollout(rollout, policy, reference, critic, reward_model, normalization,
+                                                  kl_controller.value, settings, accelerator)
         policy.train(), critic.train()
         shuffle = torch.Generator().manual_seed(config.run.seed * 100_003 + step * 101 + accelerator.process_index)
         update_stats = ppo_update(policy, critic, policy_optimizer, critic_optimizer, experience, settings,
                                   accelerator, shuffle)
         step += 1
 
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        texts = tokenizer.batch_decode(rollout.responses, skip_special_tokens=True)
         local = {**rollout_stats, **update_stats}
         if builtin:
             local["objective/gold_score"] = torch.tensor(

@@ -51,7 +51,7 @@ def test_unknown_section(tmp_path):
     ("model:\n  name_or_path: ./nowhere\n", r"model\.name_or_path: directory \./nowhere does not exist"),
     ("pretrain: 3\n", r"pretrain: expected a mapping"),
     ("- a\n- b\n", r"the top level must be a mapping"),
-    ("pretrain:\n  max_steps: [1\n", r"not valid YAML at line 2"),
+    ("pretrain:\n  max_steps: [1\n", r"not valid YAML at line 3"),
 ])
 def test_bad_configs_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
