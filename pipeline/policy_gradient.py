@@ -1,0 +1,187 @@
+"""The math of PPO for language models, on batched tensors [batch, response_len] with a boolean `mask` that is
+True on real response tokens (up to and including the first EOS). Padding never enters a mean or a statistic.
+
+Sources: Schulman et al. 2017 (clipped objective), Schulman et al. 2016 (GAE), Ziegler et al. 2019 (KL penalty
+and its adaptive coefficient), Huang et al. 2024 "The N+ Implementation Details of RLHF with PPO".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean over valid positions; 0 where nothing is valid."""
+    mask = mask.to(values.dtype)
+    values = torch.where(mask.bool(), values, torch.zeros_like(values))  # NaN in padding must not leak
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance over valid positions, Bessel-corrected by default."""
+    mean = masked_mean(values, mask)
+    centred = torch.where(mask.bool(), values - mean, torch.zeros_like(values))
+    count = mask.sum()
+    variance = (centred ** 2).sum() / count.clamp(min=1)
+    if unbiased and count > 1:
+        variance = variance * count / (count - 1)
+    return variance
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """Normalise to unit variance (and zero mean) over valid tokens; padding comes back as 0.
+    With one valid token or none the variance is undefined: values come back unchanged (N+ details, §whitening)."""
+    if mask.sum() <= 1:
+        return torch.where(mask.bool(), values, torch.zeros_like(values))
+    mean, variance = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(values))
+
+
+def response_mask(response_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(mask up to and including the first EOS, index of the last valid token, whether an EOS was found)."""
+    is_eos = response_ids == eos_token_id
+    contains_eos = is_eos.any(dim=1)
+    length = response_ids.shape[1]
+    first_eos = torch.where(contains_eos, is_eos.int().argmax(dim=1), torch.full_like(contains_eos, length - 1,
+                                                                                       dtype=torch.long))
+    positions = torch.arange(length, device=response_ids.device)[None, :]
+    return positions <= first_eos[:, None], first_eos, contains_eos
+
+
+def truncate_after_eos(response_ids: Tensor, eos_token_id: int, pad_token_id: int) -> Tensor:
+    """Replace every token after the first EOS with pad."""
+    mask, _, _ = response_mask(response_ids, eos_token_id)
+    return torch.where(mask, response_ids, torch.full_like(response_ids, pad_token_id))
+
+
+def logprobs_of_tokens(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """log π(token) at the sampling temperature, in float32 whatever the logits' dtype (bf16 log-softmax loses
+    the small differences PPO's ratio is made of). TRL divides by temperature + 1e-7; so do we."""
+    logits = logits.float() / (temperature + 1e-7)
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-token entropy of the sampling distribution, in float32."""
+    logits = logits.float() / (temperature + 1e-7)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from samples of π. k1 = log π − log π_ref (unbiased, can be negative);
+    k3 = (r − 1) − log r with r = π_ref/π (never negative, lower variance; biased as a reward: trl#4967)."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"kl_estimator: unknown estimator {estimator!r}; use 'k1' or 'k3'")
+
+
+def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, last_index: Tensor, kl_coef: float) -> tuple[Tensor, Tensor]:
+    """(−β·KL on every valid token with the score added at the last valid token — the EOS, where the reward
+    model read it, as in lm-human-preferences and OpenRLHF, not one past it; the KL part alone)."""
+    non_score = torch.where(mask, -kl_coef * kl, torch.zeros_like(kl))
+    rewards = non_score.clone()
+    rows = torch.arange(len(scores), device=scores.device)
+    rewards[rows, last_index] += scores.to(rewards.dtype)
+    return rewards, non_score
+
+
+def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation backwards over response tokens; V after the last valid token is 0.
+    δ_t = r_t + γ·V_{t+1} − V_t, A_t = δ_t + γλ·A_{t+1}; returns = A + V. Zero on padding."""
+    rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
+    values = torch.where(mask, values, torch.zeros_like(values))
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        running = torch.where(mask[:, t], running, torch.zeros_like(running))
+        advantages[:, t] = running
+        next_value = values[:, t]
+    returns = torch.where(mask, advantages + values, torch.zeros_like(values))
+    return advantages, returns
+
+
+def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float,
+                        log_ratio_clamp: float = 20.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's pessimistic clipped surrogate, a masked mean over tokens; the log-ratio is clamped (±20 like
+    OpenRLHF) so one wild token cannot overflow exp."""
+    log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs)).clamp(-log_ratio_clamp,
+                                                                                           log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
+    advantages = torch.where(mask, advantages, torch.zeros_like(advantages))
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        statistics = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+                      "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
+                      "ratio_mean": masked_mean(ratio, mask), "ratio_var": masked_var(ratio, mask)}
+    return loss, statistics
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+                       clip_range_value: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """½·max((V − R)², (clip(V, V_old ± ε_v) − R)²), a masked mean: the critic may not jump far from the
+    values the advantages were computed with."""
+    values = torch.where(mask, values, torch.zeros_like(values))
+    old_values = torch.where(mask, old_values, torch.zeros_like(old_values))
+    returns = torch.where(mask, returns, torch.zeros_like(returns))
+    clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), mask)
+    with torch.no_grad():
+        statistics = {"vf_clipfrac": masked_mean((clipped_loss > unclipped_loss).float(), mask)}
+    return loss, statistics
+
+
+class FixedKLController:
+    """β that stays where it was set."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = state["value"]
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: move β proportionally to how far the measured KL is from a target, at most ±20% of
+    the way per horizon."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = max(-0.2, min(0.2, current_kl / self.target - 1))
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value, self.target, self.horizon = state["value"], state["target"], state["horizon"]
+
+
+def kl_controller_from_config(kl_coef: float, target_kl: float | None,
+                              horizon: int) -> FixedKLController | AdaptiveKLController:
+    if target_kl is None:
+        return FixedKLController(kl_coef)
+    return AdaptiveKLController(kl_coef, target_kl, horizon)
