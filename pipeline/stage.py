@@ -144,10 +144,19 @@ def set_offline_mode(offline: bool) -> None:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+def quiet_transformers() -> None:
+    """Keep the stage's own progress bar and banners readable: no per-save progress bars or load reports."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def run_stage_main(stage: str, runner: Callable[[PipelineConfig, bool], Any], argv: list[str] | None = None) -> None:
     """Entry point shared by `python -m stages.<stage>`: config errors exit 2 before any work starts."""
     config, restart = parse_stage_arguments(stage, argv)
     set_offline_mode(config.run.offline)
+    quiet_transformers()
     try:
         runner(config, restart)
     except ConfigError as error:

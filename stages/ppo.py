@@ -63,8 +63,8 @@ def prompt_conversations(config: PipelineConfig, accelerator: Accelerator) -> tu
 
 def encode_prompts(conversations: list[list[dict]], tokenizer, max_prompt_tokens: int) -> list[list[int]]:
     """Token ids of each prompt with the generation prompt; a prompt too long for the context names its row."""
-    encoded = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True) for c in conversations]
-    encoded = [ids["input_ids"] if isinstance(ids, dict) else list(ids) for ids in encoded]
+    encoded = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+               for c in conversations]
     too_long = [i + 1 for i, ids in enumerate(encoded) if len(ids) > max_prompt_tokens]
     if too_long:
         raise ConfigError(f"ppo.response_length: prompt row {too_long[0]} has more than {max_prompt_tokens} tokens, "
