@@ -64,7 +64,8 @@ def logprobs_of_tokens(logits: Tensor, tokens: Tensor, temperature: float = 1.0)
     """log π(token) at the sampling temperature, in float32 whatever the logits' dtype (bf16 log-softmax loses
     the small differences PPO's ratio is made of). TRL divides by temperature + 1e-7; so do we."""
     logits = logits.float() / (temperature + 1e-7)
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    # gather − logsumexp never materialises the [batch, length, vocab] log-softmax: faster, and less memory
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:

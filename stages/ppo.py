@@ -144,10 +144,12 @@ def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logits(policy, sequences, attention_mask, context_length: int) -> torch.Tensor:
-    """Logits that predict each response token (the position before it)."""
-    logits = policy(input_ids=sequences, attention_mask=attention_mask,
-                    position_ids=position_ids_of(attention_mask)).logits
-    return logits[:, context_length - 1: -1]
+    """Logits that predict each response token (the position before it). Only those positions go through the
+    LM head: prompts are often longer than responses, and the head is a large share of a small model's work."""
+    response_length = sequences.shape[1] - context_length
+    logits = policy(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_of(attention_mask),
+                    logits_to_keep=response_length + 1).logits
+    return logits[:, :-1]
 
 
 # ---------------------------------------------------------------- experience
@@ -259,10 +261,14 @@ def ppo_update(policy, critic, policy_optimizer, critic_optimizer, experience: E
     minibatch = local_batch // settings.num_mini_batches
     micro = settings.per_device_train_batch_size
     totals: dict[str, list[torch.Tensor]] = {}
+    real_lengths = experience.attention_mask.sum(1).cpu()
     for _ in range(settings.num_ppo_epochs):
         order = torch.randperm(local_batch, generator=generator)
         for start in range(0, local_batch, minibatch):
             minibatch_indices = order[start: start + minibatch]
+            # The gradient of a minibatch is the sum over its micro-batches whatever their split, so group
+            # sequences of similar length into one micro-batch: less padding to compute on.
+            minibatch_indices = minibatch_indices[torch.argsort(real_lengths[minibatch_indices], stable=True)]
             for micro_start in range(0, minibatch, micro):
                 indices = minibatch_indices[micro_start: micro_start + micro]
                 last_micro = micro_start + micro >= minibatch
@@ -287,21 +293,28 @@ def micro_batch_loss(policy, critic, experience: Experience, indices, context_le
                      accelerator: Accelerator) -> dict[str, torch.Tensor]:
     sequences, attention_mask = experience.sequences[indices], experience.attention_mask[indices]
     mask = experience.mask[indices]
+    # Columns that are padding in every row of this micro-batch (prompt padding on the left, response padding
+    # on the right) only cost compute: drop them.
+    first_real = int(attention_mask.any(0).int().argmax())
+    response_width = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+    sequences = sequences[:, first_real: context_length + response_width]
+    attention_mask = attention_mask[:, first_real: context_length + response_width]
+    mask = mask[:, :response_width]
+    context_length -= first_real
     logits = response_logits(policy, sequences, attention_mask, context_length)
     logprobs = logprobs_of_tokens(logits, sequences[:, context_length:], settings.temperature)
-    policy_loss, policy_stats = clipped_policy_loss(logprobs, experience.old_logprobs[indices],
-                                                    experience.advantages[indices], mask, settings.cliprange)
+    width = mask.shape[1]
+    policy_loss, policy_stats = clipped_policy_loss(logprobs, experience.old_logprobs[indices, :width],
+                                                    experience.advantages[indices, :width], mask, settings.cliprange)
     values = critic(sequences, attention_mask, position_ids_of(attention_mask))[:, context_length - 1: -1]
-    value_loss, value_stats = clipped_value_loss(values, experience.old_values[indices], experience.returns[indices],
-                                                 mask, settings.cliprange_value)
+    value_loss, value_stats = clipped_value_loss(values, experience.old_values[indices, :width],
+                                                 experience.returns[indices, :width], mask, settings.cliprange_value)
     loss = (policy_loss + settings.vf_coef * value_loss) / settings.gradient_accumulation_steps
     accelerator.backward(loss)
-    with torch.no_grad():
-        entropy = masked_mean(entropy_from_logits(logits, settings.temperature), mask)
     return {"loss/policy_avg": policy_loss.detach(), "loss/value_avg": value_loss.detach(),
             "policy/clipfrac_avg": policy_stats["clipfrac"], "policy/approxkl_avg": policy_stats["approxkl"],
             "val/ratio": policy_stats["ratio_mean"], "val/ratio_var": policy_stats["ratio_var"],
-            "val/clipfrac_avg": value_stats["vf_clipfrac"], "policy/entropy_avg": entropy}
+            "val/clipfrac_avg": value_stats["vf_clipfrac"]}
 
 
 @contextlib.contextmanager
