@@ -44,7 +44,8 @@ def scatter_chart(title: str, groups: dict[str, list[tuple[float, float]]], x_la
     left, bottom, top, right = 48, 36, 22, 90
     x_low, x_high = min(p[0] for p in points), max(p[0] for p in points)
     y_low, y_high = min(p[1] for p in points), max(p[1] for p in points)
-    x_high, y_high = max(x_high, x_low + 1e-6), max(y_high, y_low + 1e-6)
+    x_pad, y_pad = max(x_high - x_low, 1e-6) * 0.05, max(y_high - y_low, 1e-6) * 0.05  # keep points off the axes
+    x_low, x_high, y_low, y_high = x_low - x_pad, x_high + x_pad, y_low - y_pad, y_high + y_pad
     x_of = lambda x: left + (x - x_low) / (x_high - x_low) * (width - left - right)
     y_of = lambda y: top + (y_high - y) / (y_high - y_low) * (height - top - bottom)
     body = []
