@@ -1,0 +1,79 @@
+"""What the two stages built on HF's Trainer (SFT and reward) share: their arguments from the config, a
+callback that marks checkpoints complete and writes metrics.jsonl, and training with resume."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from pipeline.checkpoints import MetricsLog, checkpoint_step, mark_checkpoint_complete, prune_checkpoints, write_manifest
+from pipeline.config import TRAINER_EXTRAS, PipelineConfig, trainer_arguments_class
+from pipeline.stage import StageStart, bf16_enabled
+
+# Timing figures differ between two runs of the same config; metrics.jsonl keeps only what training computed.
+TIMING_KEYS = ("runtime", "per_second", "total_flos")
+
+
+def trainer_arguments(config: PipelineConfig, stage: str, stage_dir: Path, has_eval: bool, **fixed: Any):
+    """SFTConfig / RewardConfig from the stage's section: the user's fields plus what the run directory decides."""
+    section = {k: v for k, v in getattr(config, stage).items() if k not in TRAINER_EXTRAS[stage]}
+    section.setdefault("logging_steps", 10)
+    arguments = {
+        **section,
+        "output_dir": str(stage_dir), "seed": config.run.seed, "data_seed": config.run.seed,
+        "save_strategy": "steps", "save_total_limit": None,  # pruning is ours: only after the marker is written
+        "eval_strategy": section.get("eval_strategy", "steps") if has_eval else "no",
+        "bf16": bf16_enabled(section.get("bf16")),
+        "dataloader_num_workers": 0, "dataloader_pin_memory": torch.cuda.is_available(), **fixed,
+    }
+    return trainer_arguments_class(stage)(**arguments)
+
+
+class PipelineCallback(TrainerCallback):
+    """Completion markers after each save, pruning, metrics.jsonl, and a clear stop on a NaN loss."""
+
+    def __init__(self, stage_dir: Path, keep_last: int, metrics_log: MetricsLog):
+        self.stage_dir, self.keep_last, self.metrics_log = Path(stage_dir), keep_last, metrics_log
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            mark_checkpoint_complete(self.stage_dir / f"checkpoint-{state.global_step}", state.global_step)
+            prune_checkpoints(self.stage_dir, self.keep_last)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = {k: v for k, v in (logs or {}).items()
+                if isinstance(v, (int, float)) and not any(t in k for t in TIMING_KEYS)}
+        loss = logs.get("loss", logs.get("eval_loss"))
+        if loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(f"{self.stage_dir.name}: loss became {loss} at step {state.global_step}; the "
+                                     f"last good checkpoint is kept (lower the learning rate and resume)")
+        if state.is_world_process_zero and logs:
+            self.metrics_log.write(state.global_step, logs)
+
+
+def train_with_resume(trainer: Trainer, start: StageStart, config: PipelineConfig, stage: str,
+                      input_checkpoint: str) -> float:
+    """Train from the newest complete checkpoint if there is one; return the wall time of this run."""
+    resume = str(start.resume_from) if start.resume_from is not None else None
+    if trainer.is_world_process_zero():
+        start.stage_dir.mkdir(parents=True, exist_ok=True)
+        write_manifest(start.stage_dir, stage=stage, status="running", input_checkpoint=input_checkpoint,
+                       max_steps=trainer.args.max_steps)
+        from pipeline.stage import stage_fingerprint
+        write_manifest(start.stage_dir, config=stage_fingerprint(config, stage))
+    if resume:
+        print(f"[{stage}] resuming from {resume} (step {checkpoint_step(start.resume_from)})", flush=True)
+    began = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    return time.time() - began
+
+
+def metrics_log_for(start: StageStart, is_main: bool, name: str = "metrics.jsonl") -> MetricsLog:
+    """A jsonl log in the stage directory, cut back to the checkpoint the stage resumes from."""
+    resume_step = checkpoint_step(start.resume_from) if start.resume_from is not None else None
+    return MetricsLog(start.stage_dir / name, resume_step, enabled=is_main)
