@@ -64,6 +64,14 @@ def launch_command(config: PipelineConfig, stage: str, overrides: list[str], res
     return command + list(overrides)
 
 
+def stage_environment(config: PipelineConfig) -> dict[str, str]:
+    """`accelerate launch` pins a lone CPU process to one thread unless told otherwise: give it every core."""
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if not config.run.accelerate_config:
+        environment.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    return environment
+
+
 @dataclass
 class StageOutcome:
     stage: str
@@ -86,8 +94,7 @@ def run_stages(config: PipelineConfig, overrides: list[str], restart: set[str]) 
         note = "resuming from " + start.resume_from.name if start and start.resume_from else "starting"
         banner(f"{stage}: {note}")
         began = time.time()
-        code = subprocess.call(launch_command(config, stage, overrides, stage in restart),
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        code = subprocess.call(launch_command(config, stage, overrides, stage in restart), env=stage_environment(config))
         if code != 0:
             raise StageFailed(stage, code)
         banner(f"{stage}: done in {time.time() - began:.0f}s")
