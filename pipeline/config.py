@@ -118,7 +118,8 @@ TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"max_steps": 200, "per_device_train_batch_size": 16, "learning_rate": 1e-3, "lr_scheduler_type": "cosine",
             "warmup_steps": 20, "weight_decay": 0.0, "logging_steps": 10, "eval_steps": 100, "save_steps": 100,
             "max_length": 256, "assistant_only_loss": True, "packing": False, "report_to": "none"},
-    "reward": {"max_steps": 150, "per_device_train_batch_size": 16, "learning_rate": 5e-4,
+    # reward batches count prompts: with K = 4 each brings 6 pairs, i.e. 12 sequences
+    "reward": {"max_steps": 150, "per_device_train_batch_size": 4, "learning_rate": 5e-4,
                "lr_scheduler_type": "cosine", "warmup_steps": 15, "logging_steps": 10, "eval_steps": 50,
                "save_steps": 50, "max_length": 256, "report_to": "none"},
 }

@@ -19,6 +19,12 @@ from pipeline.stage import StageStart, bf16_enabled
 TIMING_KEYS = ("runtime", "per_second", "total_flos")
 
 
+def is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_local_main_process
+
+
 def trainer_arguments(config: PipelineConfig, stage: str, stage_dir: Path, has_eval: bool, **fixed: Any):
     """SFTConfig / RewardConfig from the stage's section: the user's fields plus what the run directory decides."""
     section = {k: v for k, v in getattr(config, stage).items() if k not in TRAINER_EXTRAS[stage]}
@@ -29,7 +35,8 @@ def trainer_arguments(config: PipelineConfig, stage: str, stage_dir: Path, has_e
         "save_strategy": "steps", "save_total_limit": None,  # pruning is ours: only after the marker is written
         "eval_strategy": section.get("eval_strategy", "steps") if has_eval else "no",
         "bf16": bf16_enabled(section.get("bf16")),
-        "dataloader_num_workers": 0, "dataloader_pin_memory": torch.cuda.is_available(), **fixed,
+        "dataloader_num_workers": 0, "dataloader_pin_memory": torch.cuda.is_available(),
+        "disable_tqdm": not is_main_process(), **fixed,
     }
     return trainer_arguments_class(stage)(**arguments)
 

@@ -24,7 +24,7 @@ def test_dialogues_from_messages_and_prompt_completion():
 
 @pytest.mark.parametrize("row, message", [
     ({"text": "x"}, "needs 'messages', or 'prompt' and 'completion'"),
-    ({"messages": user("Hi")}, "last message must be the assistant's"),
+    ({"messages": user("Hi")}, "the last message must be the assistant.s"),
     ({"messages": "Hi"}, "'messages' must be a non-empty list"),
     ({"messages": user("Hi") + [{"role": "robot", "content": "x"}]}, r"'messages'\[1\] must be a message with role"),
     ({"prompt": "Hi", "completion": "  "}, "'completion' is empty"),
@@ -67,9 +67,9 @@ def test_preference_formats():
 
 @pytest.mark.parametrize("row, message", [
     ({"prompt": "p", "chosen": "same", "rejected": "same"}, "'chosen' and 'rejected' are the same"),
-    ({"prompt": "p", "ranked_completions": ["only"]}, "at least 2 completions"),
+    ({"prompt": "p", "ranked_completions": ["only"]}, "'ranked_completions' must list at least 2"),
     ({"prompt": "p", "chosen": "x"}, "needs 'chosen' and 'rejected'"),
-    ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"}, "differ before the last"),
+    ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"}, "'chosen' and 'rejected' transcripts differ"),
     ({"prompt": "p", "chosen": "", "rejected": "x"}, "'chosen' is empty"),
 ])
 def test_bad_preference_rows(row, message):

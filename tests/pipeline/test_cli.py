@@ -1,0 +1,93 @@
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.launch import run_directory_lock, stage_status
+from tests.helpers import REPO, SMOKE, assert_identical_weights, environment
+
+
+def rlhf(*arguments, timeout=600):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *arguments], cwd=REPO, env=environment(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path, capsys):
+    assert main(["run", str(SMOKE), f"run.output_dir={tmp_path}", "ppo.cliprange=2"]) == 2
+    assert capsys.readouterr().err.strip() == "error: ppo.cliprange: must be within (0, 1), got 2.0"
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path, capsys):
+    with run_directory_lock(tmp_path / "smoke"):
+        assert main(["run", str(SMOKE), f"run.output_dir={tmp_path}"]) == 2
+    assert "is in use by rlhf run (pid" in capsys.readouterr().err
+
+
+def test_status_of_stages(smoke_run, capsys):
+    assert main(["status", str(smoke_run / "smoke")]) == 0
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["pretrain"].startswith("done") and lines["sft"] == "pending"
+    (smoke_run / "smoke" / "sft").mkdir()
+    (smoke_run / "smoke" / "sft" / "manifest.json").write_text(json.dumps({"status": "running", "max_steps": 40}))
+    assert stage_status(smoke_run / "smoke", "sft") == "in progress step 0 of 40 (newest complete checkpoint)"
+    assert main(["status", str(smoke_run / "nothing")]) == 2
+
+
+def test_generate_and_compare_two_checkpoints(smoke_run, capsys):
+    final = str(smoke_run / "smoke" / "pretrain" / "final")
+    assert main(["generate", final, "--prompt", "Write a short story about Mia.", "--greedy", "--max-new-tokens", "8",
+                 "--compare", final]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("### Write a short story about Mia.")
+    first, second = [line for line in out.splitlines() if line.startswith("[")]
+    assert first.split("] ", 1)[1] == second.split("] ", 1)[1]  # greedy: the same model answers the same
+    assert main(["generate", final, "--prompt", "x", "--top-p", "0"]) == 2
+
+
+def test_chat_keeps_the_conversation(smoke_run, capsys):
+    from argparse import Namespace
+
+    from pipeline.sampling import chat_command
+    said = iter(["Hello", "Tell me more", ""])
+    arguments = Namespace(checkpoint=str(smoke_run / "smoke" / "pretrain" / "final"), greedy=False, temperature=0.7,
+                          top_k=5, top_p=0.9, max_new_tokens=6, seed=0)
+    assert chat_command(arguments, read=lambda prompt: next(said)) == 0
+    assert capsys.readouterr().out.count("assistant> ") == 2
+
+
+@pytest.mark.slow
+def test_run_end_to_end_then_skip_finished_stages(tmp_path):
+    result = rlhf("run", str(SMOKE), f"run.output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("pretrain", "sft", "reward", "ppo"):
+        assert (tmp_path / "smoke" / stage / "final" / "model.safetensors").is_file()
+    report = tmp_path / "smoke" / "report"
+    assert (report / "index.html").is_file() and json.loads((report / "report.json").read_text())["win_rates"]["gold"]
+    assert "PPO beats SFT on the hidden gold judge in" in result.stdout
+    again = rlhf("run", str(SMOKE), f"run.output_dir={tmp_path}", "--no-report")
+    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 4
+    changed = rlhf("run", str(SMOKE), f"run.output_dir={tmp_path}", "ppo.kl_coef=0.1")
+    assert changed.returncode == 2 and "config changed" in changed.stderr and "--restart ppo" in changed.stderr
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    reference = rlhf("run", str(SMOKE), f"run.output_dir={tmp_path / 'a'}", "--no-report")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    moment = random.Random(os.getpid()).uniform(3, 25)
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(SMOKE),
+                                f"run.output_dir={tmp_path / 'b'}", "--no-report"], cwd=REPO, env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(moment)
+    os.killpg(process.pid, 9)  # the whole process group: rlhf run and the stage it launched
+    process.wait()
+    resumed = rlhf("run", str(SMOKE), f"run.output_dir={tmp_path / 'b'}", "--no-report")
+    assert resumed.returncode == 0, f"killed at {moment:.1f}s: {resumed.stderr[-3000:]}"
+    for stage in ("pretrain", "sft", "reward", "ppo"):
+        assert_identical_weights(tmp_path / "a" / "smoke" / stage / "final", tmp_path / "b" / "smoke" / stage / "final")
