@@ -96,20 +96,30 @@ def remove_stale_temporaries(stage_dir: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+class OutputWriteError(OSError):
+    """The run directory could not be written (disk full, read-only): nothing half-written is left behind."""
+
+
 @contextlib.contextmanager
 def atomic_directory(destination: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `destination`; on success rename it into place, else delete it."""
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
     temporary = destination.with_name(f"{TEMPORARY_PREFIX}{destination.name}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
     try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir()
         yield temporary
         fsync_tree(temporary)
         if destination.exists():
             shutil.rmtree(destination)
         os.replace(temporary, destination)
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if isinstance(error, OutputWriteError):
+            raise
+        raise OutputWriteError(f"could not write {destination}: {error.strerror or error}; the previous "
+                               f"checkpoints are intact (free space or fix permissions, then resume)") from None
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -124,7 +134,12 @@ def save_training_checkpoint(accelerator, stage_dir: Path, step: int, state: dic
     if accelerator.is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))  # every process writes its own RNG file
+    try:
+        accelerator.save_state(str(temporary))  # every process writes its own RNG file
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise OutputWriteError(f"could not write checkpoint-{step} in {stage_dir}: {error.strerror or error}; the "
+                               f"previous checkpoints are intact (free space or fix permissions, then resume)") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with atomic_directory(stage_dir / f"checkpoint-{step}") as staging:

@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from data.loading import DataError
 from pipeline.config import STAGES, ConfigError, load_config
 from pipeline.stage import set_offline_mode
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     try:
         return COMMANDS[arguments.command](arguments)
-    except ConfigError as error:
+    except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -65,8 +66,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 def command_run(arguments: argparse.Namespace) -> int:
     from pipeline.launch import StageFailed, run_directory_lock, run_stages, summary_table
 
+    from pipeline.preflight import preflight
+
     config = load_config(arguments.config, arguments.overrides)
     set_offline_mode(config.run.offline)
+    preflight(config)  # bad rows, checkpoints and tokenizers fail here, before anything is written
     with run_directory_lock(config.run_dir):
         try:
             outcomes = run_stages(config, arguments.overrides, set(arguments.restart))

@@ -12,6 +12,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from pipeline.checkpoints import MetricsLog, checkpoint_step, mark_checkpoint_complete, prune_checkpoints, write_manifest
+from pipeline.faults import poison_weights_if_requested, weights_are_finite
 from pipeline.config import TRAINER_EXTRAS, PipelineConfig, trainer_arguments_class
 from pipeline.stage import StageStart, bf16_enabled
 
@@ -47,7 +48,13 @@ class PipelineCallback(TrainerCallback):
     def __init__(self, stage_dir: Path, keep_last: int, metrics_log: MetricsLog):
         self.stage_dir, self.keep_last, self.metrics_log = Path(stage_dir), keep_last, metrics_log
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        poison_weights_if_requested(self.stage_dir.name, state.global_step, model)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if model is not None and not weights_are_finite(model):  # the checkpoint stays unmarked: never resumed from
+            raise FloatingPointError(f"{self.stage_dir.name}: weights became NaN/inf before step {state.global_step}; "
+                                     f"the last good checkpoint is kept (lower the learning rate and resume)")
         if state.is_world_process_zero:
             mark_checkpoint_complete(self.stage_dir / f"checkpoint-{state.global_step}", state.global_step)
             prune_checkpoints(self.stage_dir, self.keep_last)

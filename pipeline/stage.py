@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import json
 import os
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checkpoints import latest_checkpoint, read_manifest, remove_stale_temporaries
+from pipeline.checkpoints import OutputWriteError, latest_checkpoint, read_manifest, remove_stale_temporaries
 from pipeline.config import ConfigError, PipelineConfig, load_config
 
 # The config sections whose change makes a stage's checkpoints and final model stale.
@@ -157,10 +158,19 @@ def run_stage_main(stage: str, runner: Callable[[PipelineConfig, bool], Any], ar
     config, restart = parse_stage_arguments(stage, argv)
     set_offline_mode(config.run.offline)
     quiet_transformers()
+    from data.loading import DataError
+
     try:
         runner(config, restart)
-    except ConfigError as error:
+    except (ConfigError, DataError) as error:
         exit_with_error(str(error))
+    except (FloatingPointError, OutputWriteError) as error:  # diverged, or disk full: still one clear line
+        exit_with_error(str(error), code=1)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            raise
+        exit_with_error(f"{stage}: could not write to {config.run_dir}: {error.strerror}; complete checkpoints "
+                        f"are intact, the newest one is resumed from after the cause is fixed", code=1)
 
 
 PREVIOUS_STAGE = {"sft": "pretrain", "reward": "sft", "ppo": "sft"}

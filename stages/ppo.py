@@ -36,6 +36,7 @@ from data.tokenizer import load_tokenizer
 from pipeline.checkpoints import (
     MetricsLog, atomic_directory, read_trainer_state, save_training_checkpoint, write_manifest)
 from pipeline.config import ConfigError, PipelineConfig, PPOSection
+from pipeline.faults import poison_weights_if_requested
 from pipeline.models import count_parameters, load_causal_lm, save_hf_model
 from pipeline.policy_gradient import (
     clipped_policy_loss, clipped_value_loss, entropy_from_logits, gae_advantages, kl_controller_from_config,
@@ -178,7 +179,13 @@ class Rollout:
 def generate_rollout(policy, tokenizer, queries, query_mask, settings: PPOSection, accelerator: Accelerator) -> Rollout:
     """Sample responses with the KV cache; cut each at its first EOS."""
     with unwrap_model_for_generation(policy, accelerator) as generator:
-        generated = sample_responses(generator, queries, query_mask, settings, tokenizer)
+        try:
+            generated = sample_responses(generator, queries, query_mask, settings, tokenizer)
+        except RuntimeError as error:
+            if "inf" not in str(error) and "nan" not in str(error):
+                raise
+            raise FloatingPointError("ppo: the policy's probabilities became NaN/inf; the last good checkpoint is "
+                                     "kept (lower ppo.learning_rate and resume)") from None
     responses = truncate_after_eos(generated, tokenizer.eos_token_id, tokenizer.pad_token_id)
     mask, _, _ = response_mask(responses, tokenizer.eos_token_id)
     responses = responses[:, : int(mask.sum(1).max())]  # columns that are padding in every row cost compute only
@@ -400,6 +407,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
         experience, rollout_stats = score_rollout(rollout, policy, reference, critic, reward_model, normalization,
                                                   kl_controller.value, settings, accelerator)
         policy.train(), critic.train()
+        poison_weights_if_requested(STAGE, step, accelerator.unwrap_model(policy))
         shuffle = torch.Generator().manual_seed(config.run.seed * 100_003 + step * 101 + accelerator.process_index)
         update_stats = ppo_update(policy, critic, policy_optimizer, critic_optimizer, experience, settings,
                                   accelerator, shuffle)

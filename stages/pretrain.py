@@ -25,6 +25,7 @@ from data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from pipeline.checkpoints import (
     MetricsLog, atomic_directory, read_trainer_state, save_training_checkpoint, write_manifest)
 from pipeline.config import ConfigError, PipelineConfig, PretrainSection
+from pipeline.faults import poison_weights_if_requested
 from pipeline.models import build_llama_from_config, count_parameters, load_causal_lm, save_hf_model
 from pipeline.stage import bf16_enabled, plan_stage_start, run_stage_main, seed_everything, stage_fingerprint, trackers
 
@@ -166,6 +167,7 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
     model.train()
     while step < settings.max_steps:
         step_began = time.perf_counter()
+        poison_weights_if_requested(STAGE, step, model)
         learning_rate = learning_rate_at(step, settings)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
@@ -185,11 +187,13 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
         step += 1
         train_seconds += time.perf_counter() - step_began
 
-        if step % settings.logging_steps == 0 or step == settings.max_steps:
+        saving = step % settings.save_steps == 0 or step == settings.max_steps
+        if saving or step % settings.logging_steps == 0:
             loss_value = accelerator.reduce(step_loss, reduction="mean").item()
-            if not math.isfinite(loss_value):
+            if not math.isfinite(loss_value):  # checked before any save, so no checkpoint holds NaN weights
                 raise FloatingPointError(f"pretrain: loss became {loss_value} at step {step}; "
                                          f"the last good checkpoint is kept, lower pretrain.learning_rate and resume")
+        if step % settings.logging_steps == 0 or step == settings.max_steps:
             metrics = {"loss": loss_value, "learning_rate": learning_rate, "grad_norm": float(grad_norm),
                        "tokens": step * tokens_per_step}
             if step % settings.eval_steps == 0 or step == settings.max_steps:
@@ -199,7 +203,7 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
             metrics_log.write(step, metrics)
             progress.set_postfix(loss=f"{loss_value:.3f}", **({"eval": f"{last_eval:.3f}"} if last_eval else {}))
         progress.update(1)
-        if step % settings.save_steps == 0 or step == settings.max_steps:
+        if saving:
             save_training_checkpoint(
                 accelerator, stage_dir, step, {"elapsed_s": elapsed_before + time.time() - started},
                 config.run.keep_last_checkpoints, write_extra=lambda staging: save_hf_model(

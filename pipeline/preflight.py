@@ -1,0 +1,107 @@
+"""Checks `rlhf run` makes before any stage starts: every configured dataset row, every input checkpoint and
+tokenizer. A run that would fail at its third stage on a bad row fails now instead, with the row named, and
+before anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from data.formats import dialogues_from_rows, preference_pairs_from_rows, prompts_from_rows
+from data.loading import load_source, texts_from_rows
+from pipeline.config import ConfigError, PipelineConfig, looks_like_local_path
+
+DATASET_CHECKS = {
+    "pretrain": lambda rows, where, on_bad: texts_from_rows(rows, where),
+    "sft": dialogues_from_rows,
+    "reward": preference_pairs_from_rows,
+    "ppo": prompts_from_rows,
+}
+
+
+def check_datasets(config: PipelineConfig) -> None:
+    """Load and convert the dataset of every stage in the run, as the stage itself will."""
+    for stage in config.run.stages:
+        source = getattr(config.data, stage)
+        if source is None:
+            continue
+        train, evaluation = load_source(source, f"data.{stage}", config.run.seed)
+        DATASET_CHECKS[stage](train, f"data.{stage} ({source.path})", config.data.on_bad_rows)
+        if evaluation and source.eval_split:
+            DATASET_CHECKS[stage](evaluation, f"data.{stage} ({source.eval_split})", config.data.on_bad_rows)
+
+
+def check_checkpoint(path: Path, key: str, kind: str = "ForCausalLM", needs_chat_template: bool = True) -> None:
+    """A local HF checkpoint directory: a config of the right kind, readable safetensors, a usable tokenizer."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{key}: {path} has no config.json; is it a checkpoint directory (e.g. runs/<name>/sft/final)?")
+    try:
+        architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{key}: {config_file} is not valid JSON") from None
+    if architectures and not any(a.endswith(kind) for a in architectures):
+        raise ConfigError(f"{key}: {path} holds a {architectures[0]}, but this stage needs a *{kind} model "
+                          f"(a checkpoint of another stage?)")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        found = ", ".join(sorted(p.name for p in path.glob("*.bin"))) or "none"
+        raise ConfigError(f"{key}: {path} has no .safetensors weights (found: {found}); the pipeline loads "
+                          f"safetensors only")
+    from safetensors import safe_open
+
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                names = list(handle.keys())
+                if names:
+                    handle.get_slice(names[-1])[:1]
+        except Exception as error:  # safetensors raises its own error types for every kind of damage
+            raise ConfigError(f"{key}: {file} is damaged or truncated ({str(error).splitlines()[0]})") from None
+    if needs_chat_template:
+        from data.tokenizer import load_tokenizer
+
+        try:
+            load_tokenizer(path)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"{key}: {str(error).splitlines()[0]}") from None
+
+
+def check_inputs(config: PipelineConfig) -> None:
+    """The checkpoints and tokenizer the run starts from, when they are local."""
+    name = config.model.name_or_path
+    first = config.run.stages[0]
+    if name is not None and looks_like_local_path(name) and first != "pretrain":
+        check_checkpoint(Path(name), "model.name_or_path")
+    tokenizer = config.tokenizer.name_or_path
+    if tokenizer is not None and looks_like_local_path(tokenizer):
+        from data.tokenizer import load_tokenizer
+
+        try:
+            load_tokenizer(tokenizer)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"tokenizer.name_or_path: {str(error).splitlines()[0]}") from None
+
+
+def check_output_directory(config: PipelineConfig) -> None:
+    """The run directory (or the nearest existing folder above it) must be a writable directory."""
+    import os
+    import tempfile
+
+    existing = config.run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"run.output_dir: {existing} is a file, not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".rlhf-write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"run.output_dir: cannot write in {existing} ({os.strerror(error.errno or 0)})") from None
+
+
+def preflight(config: PipelineConfig) -> None:
+    """Raise ConfigError or DataError (one line, naming the key or row) if the run cannot work."""
+    check_output_directory(config)
+    check_inputs(config)
+    check_datasets(config)
