@@ -58,6 +58,11 @@ def build(arguments, lora: bool):
     return tokenizer, policy, reference, critic, reward_model, settings, texts
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def ppo_steps(arguments) -> dict:
     from accelerate import Accelerator
 
@@ -65,24 +70,31 @@ def ppo_steps(arguments) -> dict:
     from reward_model import RewardNormalization
 
     tokenizer, policy, reference, critic, reward_model, settings, texts = build(arguments, arguments.lora)
-    accelerator = Accelerator(cpu=True, mixed_precision="bf16" if arguments.dtype == "bf16" else "no")
+    accelerator = Accelerator(mixed_precision="bf16" if arguments.dtype == "bf16" else "no")
+    reward_model = ppo.frozen_on_device(reward_model, accelerator)
+    reference = ppo.frozen_on_device(reference, accelerator) if reference is not None else None
     policy_optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
     critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=1e-5)
     policy, critic, policy_optimizer, critic_optimizer = accelerator.prepare(policy, critic, policy_optimizer,
                                                                              critic_optimizer)
     queries, query_mask = ppo.left_pad(texts, tokenizer.pad_token_id)
+    queries, query_mask = queries.to(accelerator.device), query_mask.to(accelerator.device)
     phases = {"rollout": [], "scoring": [], "optimisation": []}
     for step in range(arguments.steps + 1):  # the first step warms up and is not counted
+        synchronize()
         began = time.perf_counter()
         policy.eval(), critic.eval()
         rollout = ppo.generate_rollout(policy, tokenizer, queries, query_mask, settings, accelerator)
+        synchronize()
         generated = time.perf_counter()
         experience, _ = ppo.score_rollout(rollout, policy, reference, critic, reward_model, RewardNormalization(),
                                          0.05, settings, accelerator)
+        synchronize()
         scored = time.perf_counter()
         policy.train(), critic.train()
         ppo.ppo_update(policy, critic, policy_optimizer, critic_optimizer, experience, settings, accelerator,
                        torch.Generator().manual_seed(step))
+        synchronize()
         done = time.perf_counter()
         if step > 0:
             for name, seconds in zip(phases, (generated - began, scored - generated, done - scored)):
@@ -96,11 +108,13 @@ def ppo_steps(arguments) -> dict:
 def sft_steps(arguments) -> dict:
     """SFT-style training of the same policy (micro-batch of 16 prompt+response sequences, AdamW)."""
     tokenizer, policy, _, _, _, settings, texts = build(arguments, arguments.lora)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy = policy.to(device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
     width = max(len(t) for t in texts) + arguments.response_length
-    batch = torch.randint(0, len(tokenizer), (settings.per_device_train_batch_size, width))
+    batch = torch.randint(0, len(tokenizer), (settings.per_device_train_batch_size, width), device=device)
     for _ in range(arguments.steps):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=arguments.dtype == "bf16"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=arguments.dtype == "bf16"):
             loss = policy(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
@@ -130,6 +144,8 @@ def main() -> None:
     if arguments.child:  # one measurement per process: Accelerate's state and ru_maxrss are per process
         result = ppo_steps(arguments) if arguments.child == "ppo" else sft_steps(arguments)
         result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        if torch.cuda.is_available():
+            result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20)
         print(json.dumps(result))
         return
     setup = {"layers": arguments.layers, "width": arguments.width, "batch": arguments.batch,
