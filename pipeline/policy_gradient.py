@@ -26,21 +26,23 @@ def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     centred = torch.where(mask.bool(), values - mean, torch.zeros_like(values))
     count = mask.sum()
     variance = (centred ** 2).sum() / count.clamp(min=1)
-    if unbiased and count > 1:
-        variance = variance * count / (count - 1)
+    if unbiased:
+        # Bessel's correction is undefined for one token; the biased 0 is returned then. torch.where, not an `if`
+        # on the count, so that no GPU→CPU sync is forced.
+        variance = torch.where(count > 1, variance * count / (count - 1).clamp(min=1), variance)
     return variance
 
 
 def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     """Normalise to unit variance (and zero mean) over valid tokens; padding comes back as 0.
     With one valid token or none the variance is undefined: values come back unchanged (N+ details, §whitening)."""
-    if mask.sum() <= 1:
-        return torch.where(mask.bool(), values, torch.zeros_like(values))
+    mask = mask.bool()
     mean, variance = masked_mean(values, mask), masked_var(values, mask)
     whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, torch.zeros_like(values))
+    whitened = torch.where(mask.sum() > 1, whitened, values)
+    return torch.where(mask, whitened, torch.zeros_like(values))
 
 
 def response_mask(response_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -63,9 +65,10 @@ def truncate_after_eos(response_ids: Tensor, eos_token_id: int, pad_token_id: in
 def logprobs_of_tokens(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
     """log π(token) at the sampling temperature, in float32 whatever the logits' dtype (bf16 log-softmax loses
     the small differences PPO's ratio is made of). TRL divides by temperature + 1e-7; so do we."""
+    # Not trl.trainer.utils.selective_log_softmax (trl 1.16): for bf16 logits it takes the log-softmax in bf16.
     logits = logits.float() / (temperature + 1e-7)
     # gather − logsumexp never materialises the [batch, length, vocab] log-softmax: faster, and less memory
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return logits.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -82,23 +85,28 @@ def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") 
     if estimator == "k1":
         return log_ratio
     if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
+        # expm1 keeps r − 1 exact near r = 1; the clamp guards the last ulp of rounding, so k3 is never negative
+        return (torch.expm1(-log_ratio) + log_ratio).clamp(min=0)
     raise ValueError(f"kl_estimator: unknown estimator {estimator!r}; use 'k1' or 'k3'")
 
 
 def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, last_index: Tensor, kl_coef: float) -> tuple[Tensor, Tensor]:
     """(−β·KL on every valid token with the score added at the last valid token — the EOS, where the reward
     model read it, as in lm-human-preferences and OpenRLHF, not one past it; the KL part alone)."""
+    mask = mask.bool()
     non_score = torch.where(mask, -kl_coef * kl, torch.zeros_like(kl))
     rewards = non_score.clone()
     rows = torch.arange(len(scores), device=scores.device)
-    rewards[rows, last_index] += scores.to(rewards.dtype)
+    # A row with no valid token has nowhere to put its score: padding must stay 0.
+    at_end = torch.where(mask[rows, last_index], scores.to(rewards.dtype), torch.zeros_like(rewards[:, 0]))
+    rewards[rows, last_index] += at_end
     return rewards, non_score
 
 
 def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation backwards over response tokens; V after the last valid token is 0.
     δ_t = r_t + γ·V_{t+1} − V_t, A_t = δ_t + γλ·A_{t+1}; returns = A + V. Zero on padding."""
+    mask = mask.bool()
     rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
     values = torch.where(mask, values, torch.zeros_like(values))
     advantages = torch.zeros_like(rewards)
@@ -118,6 +126,7 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
                         log_ratio_clamp: float = 20.0) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's pessimistic clipped surrogate, a masked mean over tokens; the log-ratio is clamped (±20 like
     OpenRLHF) so one wild token cannot overflow exp."""
+    mask = mask.bool()
     log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs)).clamp(-log_ratio_clamp,
                                                                                            log_ratio_clamp)
     ratio = torch.exp(log_ratio)
@@ -136,6 +145,7 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask
                        clip_range_value: float) -> tuple[Tensor, dict[str, Tensor]]:
     """½·max((V − R)², (clip(V, V_old ± ε_v) − R)²), a masked mean: the critic may not jump far from the
     values the advantages were computed with."""
+    mask = mask.bool()
     values = torch.where(mask, values, torch.zeros_like(values))
     old_values = torch.where(mask, old_values, torch.zeros_like(old_values))
     returns = torch.where(mask, returns, torch.zeros_like(returns))
@@ -151,7 +161,7 @@ class FixedKLController:
     """β that stays where it was set."""
 
     def __init__(self, kl_coef: float):
-        self.value = kl_coef
+        self.value = float(kl_coef)
 
     def update(self, current_kl: float, n_steps: int) -> None:
         pass
@@ -160,7 +170,7 @@ class FixedKLController:
         return {"value": self.value}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = state["value"]
+        self.value = float(state["value"])
 
 
 class AdaptiveKLController:
@@ -168,21 +178,27 @@ class AdaptiveKLController:
     the way per horizon."""
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"adaptive KL controller: target ({target}) and horizon ({horizon}) must be positive")
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target), float(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> None:
-        proportional_error = max(-0.2, min(0.2, current_kl / self.target - 1))
+        # float(): a tensor KL would turn β into a tensor, and the checkpointed state would no longer be JSON
+        proportional_error = max(-0.2, min(0.2, float(current_kl) / self.target - 1))
         self.value *= 1 + proportional_error * n_steps / self.horizon
 
     def state_dict(self) -> dict[str, float]:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value, self.target, self.horizon = state["value"], state["target"], state["horizon"]
+        # A state saved by a FixedKLController holds only β: keep this controller's target and horizon.
+        self.value = float(state["value"])
+        self.target, self.horizon = float(state.get("target", self.target)), float(state.get("horizon", self.horizon))
 
 
 def kl_controller_from_config(kl_coef: float, target_kl: float | None,
                               horizon: int) -> FixedKLController | AdaptiveKLController:
+    """A fixed β, or Ziegler et al.'s adaptive β when a target KL is given."""
     if target_kl is None:
         return FixedKLController(kl_coef)
     return AdaptiveKLController(kl_coef, target_kl, horizon)
