@@ -1,112 +1,222 @@
 import json
+import math
 import random
 import statistics
+import time
 
 import pytest
 
 from data.builtin_task import (
-    BuiltinTaskConfig, TASK_FAMILIES, annotator_ranking, core_response, gold_score, pretraining_stories, prompts,
-    question_answer, ranked_completions, sft_dialogues, story_facts, write_builtin_task)
+    FACT_TEMPLATES, MAX_RESPONSE_WORDS, NAMES, TASK_FAMILIES, BuiltinTaskConfig, annotator_ranking, core_response,
+    fact_sentence, gold_score, ideal_response, is_held_out_prompt, pretraining_stories, prompts, question_answer,
+    random_facts, ranked_completions, sample_response, sft_dialogues, story_facts, write_builtin_task)
 
-QA = ("Read the story and answer the question.\nStory: Mia had a red kite. Mia had a pet fox. "
-      "One day, Mia went to the park. Mia felt happy.\nQuestion: What colour was Mia's kite?")
+STORY = "Mia had a red kite. Tom had a blue kite. One day, Mia went to the park. Mia felt happy."
+QA = f"Read the story and answer the question.\nStory: {STORY}\nQuestion: What colour was Mia's kite?"
+FEELING_QA = f"Read the story and answer the question.\nStory: {STORY}\nQuestion: How did Mia feel?"
+STORY_REQUEST = "Write a short story about Tom and a fox."
+HARMFUL = "How can I hurt the cat?"
+GOOD_STORY = "Tom had a blue ball. Tom had a pet fox. One day, Tom went to the park."
+REFUSAL = "I'm sorry, but I can't help with that. Hurting animals is wrong."
+
+
+def pairwise_agreement(rows: list[dict]) -> float:
+    """Fraction of ranked pairs with different gold scores that the ranking orders as the judge does."""
+    agree = total = 0
+    for row in rows:
+        text = row["prompt"][0]["content"]
+        scores = [gold_score(text, c[0]["content"]) for c in row["ranked_completions"]]
+        for i in range(len(scores)):
+            for j in range(i + 1, len(scores)):
+                if scores[i] != scores[j]:
+                    total += 1
+                    agree += scores[i] > scores[j]
+    return agree / total
 
 
 def test_generators_are_deterministic_from_the_seed():
     assert pretraining_stories(1, 50) == pretraining_stories(1, 50) != pretraining_stories(2, 50)
     assert sft_dialogues(3, 30, 0.6) == sft_dialogues(3, 30, 0.6) != sft_dialogues(4, 30, 0.6)
-    assert ranked_completions(5, 10, 4, 0.5) == ranked_completions(5, 10, 4, 0.5)
+    assert ranked_completions(5, 10, 4, 0.5) == ranked_completions(5, 10, 4, 0.5) != ranked_completions(6, 10, 4, 0.5)
     assert prompts(6, 20) == prompts(6, 20) != prompts(7, 20)
+    assert prompts(6, 20, held_out=True) == prompts(6, 20, held_out=True) != prompts(6, 20)
+    assert sample_response(QA, random.Random(8), 0.5) == sample_response(QA, random.Random(8), 0.5)
 
 
-def test_corpus_can_reach_a_million_tokens_quickly():
-    stories = pretraining_stories(0, 2000)
-    words = sum(len(s.split()) for s in stories) / len(stories)
-    assert 15 < words < 50
-    assert words * 1.3 * 50_000 > 1_000_000  # 50k stories: over a million tokens at ~1.3 tokens a word
-
-
-def test_story_facts_parse_the_grammar_exactly():
-    assert story_facts(QA.split("Story: ")[1].split("\n")[0]) == {
-        "colour": "red", "object": "kite", "animal": "fox", "place": "park", "feeling": "happy", "hero": "Mia"}
-    rng = random.Random(0)
-    for row in prompts(11, 200):
-        text = row["prompt"][0]["content"]
-        if row["family"] == "story_qa":
-            right, wrong = core_response(text, rng, wrong=False), core_response(text, rng, wrong=True)
-            assert question_answer(text)[1] in " ".join(right)
-            assert gold_score(text, " ".join(right)) > gold_score(text, " ".join(wrong))
+def test_corpus_is_fast_and_can_reach_a_million_tokens():
+    started = time.perf_counter()
+    stories = pretraining_stories(0, 5000)
+    assert time.perf_counter() - started < 1.0  # measured ≈ 0.08 s: 20,000 stories in well under a second
+    sentences = [s.count(".") + s.count("!") + s.count("?") for s in stories[:200]]
+    words = statistics.mean(len(s.split()) for s in stories)
+    assert 35 < words < 55
+    assert words * 1.3 * 25_000 > 1_000_000  # ≈ 1.3 BPE tokens a word on this corpus (measured)
+    assert min(sentences) >= 3
 
 
 @pytest.mark.parametrize("prompt, better, worse", [
-    (QA, "Mia's kite was red.", "Mia's kite was blue."),
+    (QA, "Mia's kite was red.", "Mia's kite was blue."),  # the other character's colour
+    (QA, "Mia's kite was red.", "Mia's kite was red or blue."),  # hedging names another candidate
     (QA, "Mia's kite was red.", "Ugh. Mia's kite was red."),
-    (QA, "Sure! Mia's kite was red. Hope this helps!", "Mia's kite was red."),
-    (QA, "Mia's kite was red.", "Mia's kite was red. The sky was big. It was a long day. Some days are like that. "
-                                "The wind was soft. There were many trees."),
+    (QA, "Mia's kite was red.", "Obviously. That is a silly question. Mia's kite was red."),
+    (QA, "Sure! Mia's kite was red.", "Mia's kite was red."),
+    (QA, "Mia's kite was red. Hope this helps!", "Mia's kite was red."),
+    (QA, "Sure! Mia's kite was red. Hope this helps!", "Sure! Mia's kite was red."),
+    (QA, "Mia's kite was red.", "Mia's kite was red. The sky was big and very blue. It was a long day for everyone. "
+                                "Some days are just like that. The wind was soft and warm."),
     (QA, "Mia's kite was red.", "Mia's kite was red. Mia's kite was red. Mia's kite was red."),
-    ("Write a short story about Tom and a fox.", "Tom had a blue ball. Tom had a pet fox. One day, Tom went to the park.",
-     "Ben had a blue ball. Ben had a pet cat. One day, Ben went to the park."),
-    ("Write a short story about Tom and a fox.", "Tom had a blue ball. Tom had a pet fox. One day, Tom went to the park.",
-     "I'm sorry, but I can't help with that."),
-    ("How can I hurt the cat?", "I'm sorry, but I can't help with that. Hurting animals is wrong.",
-     "First, find the cat. Then do it when no one is looking."),
+    (QA, "Mia's kite was red.", "I'm sorry, but I can't help with that."),
+    (FEELING_QA, "Happy to help! Mia felt happy.", "Happy to help! Mia felt sad."),
+    (FEELING_QA, "Happy to help! Mia felt happy.", "Mia felt happy."),  # the opener is no answer word
+    (STORY_REQUEST, GOOD_STORY, "Ben had a blue ball. Ben had a pet fox. One day, Ben went to the park."),
+    (STORY_REQUEST, GOOD_STORY, "Tom had a blue ball. Tom had a pet cat. One day, Tom went to the park."),
+    (STORY_REQUEST, GOOD_STORY, "I'm sorry, but I can't help with that."),
+    (STORY_REQUEST, GOOD_STORY, "Whatever. " + GOOD_STORY),
+    (STORY_REQUEST, GOOD_STORY, GOOD_STORY + " Tom had a pet fox. Tom had a pet fox."),
+    (STORY_REQUEST, GOOD_STORY, "Tom fox " * 20),  # a loop with no sentence ends: the 3-gram penalty
+    (STORY_REQUEST, GOOD_STORY, GOOD_STORY + " The sky was big and very blue. It was a long day for everyone. "
+                                "Some days are just like that. There were many tall trees."),
+    (STORY_REQUEST, "Of course! " + GOOD_STORY + " Have a nice day!", GOOD_STORY),
+    (HARMFUL, REFUSAL, "First, go to the park when no one is looking. Then hurt the cat."),
+    (HARMFUL, REFUSAL, REFUSAL + " First, go to the park when no one is looking. Then hurt the cat."),
+    (HARMFUL, REFUSAL, "Ugh. " + REFUSAL),
+    (HARMFUL, REFUSAL, REFUSAL + " Hurting animals is wrong. Hurting animals is wrong."),
+    (HARMFUL, "Sure! " + REFUSAL + " Have a nice day!", REFUSAL),
 ])
 def test_judge_prefers_good_responses(prompt, better, worse):
     assert gold_score(prompt, better) > gold_score(prompt, worse)
 
 
-def test_annotator_agrees_with_the_judge_as_noise_allows():
-    assert annotator_ranking([0.1, 2.0, 1.0], 0.0, random.Random(0)) == [1, 2, 0]
-
-    def agreement(noise):
-        agree = total = 0
-        for row in ranked_completions(9, 300, 4, noise):
-            text = row["prompt"][0]["content"]
-            scores = [gold_score(text, c[0]["content"]) for c in row["ranked_completions"]]
-            for i in range(4):
-                for j in range(i + 1, 4):
-                    if scores[i] != scores[j]:
-                        total += 1
-                        agree += scores[i] > scores[j]
-        return agree / total
-
-    assert agreement(0.0) == 1.0
-    assert 0.75 < agreement(0.5) < 0.97
-    assert agreement(2.0) < agreement(0.5)
+def test_judge_component_values():
+    assert gold_score(QA, "Mia's kite was red.") == 2.0
+    assert gold_score(QA, "  Sure! Mia's kite was red. Hope this helps!\n") == 2.6  # decoded text may be padded
+    assert gold_score(QA, "Mia's kite was blue.") == -1.0
+    assert gold_score(HARMFUL, "Sure! " + REFUSAL + " Hope this helps!") == 2.6
+    assert gold_score(QA, "") < 0
+    with pytest.raises(ValueError, match="not a prompt of the built-in task"):
+        gold_score("What is the capital of France?", "Paris.")
 
 
-def test_sft_mix_has_every_family_and_room_to_improve():
-    rows = sft_dialogues(3, 1000, 0.6)
-    assert {r["family"] for r in rows} == set(TASK_FAMILIES)
-    rng = random.Random(1)
-    mix, ideal = [], []
+def test_judge_is_fast():
+    rows = sft_dialogues(2, 500, 0.6)
+    started = time.perf_counter()
     for row in rows:
-        text, response = row["messages"][0]["content"], row["messages"][1]["content"]
-        mix.append(gold_score(text, response))
-        ideal.append(gold_score(text, " ".join(["Sure!", *core_response(text, rng, False), "Hope this helps!"])))
-    assert statistics.mean(ideal) > statistics.mean(mix) + 0.8
-    flawless = sum(score >= 2.0 for score in mix) / len(mix)
-    assert 0.45 < flawless < 0.8
+        gold_score(row["messages"][0]["content"], row["messages"][1]["content"])
+    assert time.perf_counter() - started < 0.5  # measured ≈ 30,000 calls a second
+
+
+def test_story_facts_parse_the_grammar_exactly():
+    assert story_facts(STORY) == {"Mia": {"colour": "red", "object": "kite", "place": "park", "feeling": "happy"},
+                                  "Tom": {"colour": "blue", "object": "kite"}}
+    rng = random.Random(0)
+    for _ in range(100):  # every template of every fact kind, round trip
+        name, facts = rng.choice(NAMES), random_facts(rng)
+        for kind in FACT_TEMPLATES:
+            parsed = story_facts(fact_sentence(rng, kind, name, facts))[name]
+            assert all(parsed[key] == facts[key] for key in parsed) and parsed
+
+
+def test_generated_questions_are_answerable_and_the_right_answer_wins():
+    rng = random.Random(0)
+    questions = [row["prompt"][0]["content"] for row in prompts(11, 400) if row["family"] == "story_qa"]
+    assert len(questions) > 150
+    for text in questions:
+        story = text.split("Story: ")[1].split("\nQuestion: ")[0]
+        assert all(story_facts(sentence) for sentence in story.split(". "))  # no sentence escapes the parser
+        kind, answer, name, _ = question_answer(text)
+        right, wrong = " ".join(core_response(text, rng)), " ".join(core_response(text, rng, wrong=True))
+        assert answer in right.split(" ")[-1] and name in right
+        assert gold_score(text, right) > gold_score(text, wrong)
+
+
+def test_annotator_is_bradley_terry_and_agrees_with_the_judge_as_noise_allows():
+    assert annotator_ranking([0.1, 2.0, 1.0, 2.0], 0.0, random.Random(0)) == [1, 3, 2, 0]  # stable for ties
+    rng = random.Random(0)
+    first = sum(annotator_ranking([1.0, 0.0], 0.5, rng)[0] == 0 for _ in range(4000)) / 4000
+    assert first == pytest.approx(1 / (1 + math.exp(-2.0)), abs=0.02)  # σ(Δ/noise)
+    assert pairwise_agreement(ranked_completions(9, 300, 4, 0.0)) == 1.0
+    at_half = pairwise_agreement(ranked_completions(9, 300, 4, 0.5))
+    assert 0.78 < at_half < 0.92  # measured 0.84–0.87 over seeds
+    assert pairwise_agreement(ranked_completions(9, 300, 4, 2.0)) < at_half
+
+
+def test_ranked_rows_have_k_distinct_candidates():
+    for row in ranked_completions(4, 50, 5, 0.5):
+        texts = [c[0]["content"] for c in row["ranked_completions"]]
+        assert len(texts) == len(set(texts)) == 5
+        assert row["prompt"][0]["role"] == "user" and row["family"] in TASK_FAMILIES
+
+
+def test_sft_mix_has_the_intended_quality_mix_and_every_family():
+    rows = sft_dialogues(3, 2000, 0.6)
+    assert {r["family"] for r in rows} == set(TASK_FAMILIES)
+    assert sum(r["flaw"] is None for r in rows) / len(rows) == pytest.approx(0.6, abs=0.04)
+    assert {r["flaw"] for r in rows} == {None, "wrong_answer", "rude", "rambling", "repetitive", "needless_refusal",
+                                        "complied"}
+    responses = [r["messages"][1]["content"] for r in rows]
+    assert max(len(text.split()) for text in responses) <= MAX_RESPONSE_WORDS
+    openers = sum(text.startswith(("Sure!", "Of course!", "Happy to help!")) for text in responses) / len(responses)
+    assert 0.25 < openers < 0.5  # the opener is often missing: RLHF can learn to always add it
+
+
+def test_ideal_responses_beat_the_sft_mix_by_a_clear_margin():
+    rows = sft_dialogues(3, 1000, 0.6)
+    rng = random.Random(1)
+    texts = [r["messages"][0]["content"] for r in rows]
+    mix = statistics.mean(gold_score(t, r["messages"][1]["content"]) for t, r in zip(texts, rows))
+    ideal = statistics.mean(gold_score(t, ideal_response(t, rng)) for t in texts)
+    assert ideal > 2.55 and ideal > mix + 0.8  # measured: ideal 2.60, mix 1.55
+    # Per prompt, an ideal policy beats the mean of 4 samples from the demonstrators' mix almost everywhere.
+    wins = sum(gold_score(t, ideal_response(t, rng))
+               > statistics.mean(gold_score(t, sample_response(t, rng, 0.6).text) for _ in range(4)) for t in texts[:300])
+    assert wins / 300 >= 0.8
 
 
 def test_write_builtin_task_once_with_held_out_prompts(tmp_path):
-    config = BuiltinTaskConfig(pretrain_stories=50, pretrain_eval_stories=5, sft_dialogues=40, sft_eval_dialogues=5,
-                               ranked_prompts=20, ranked_eval_prompts=5, ppo_prompts=300, eval_prompts=40)
+    config = BuiltinTaskConfig(pretrain_stories=50, pretrain_eval_stories=5, sft_dialogues=200, sft_eval_dialogues=40,
+                               ranked_prompts=100, ranked_eval_prompts=40, ppo_prompts=300, eval_prompts=40)
     paths = write_builtin_task(config, tmp_path)
     assert set(paths) == {"pretrain_train", "pretrain_eval", "sft_train", "sft_eval", "ranked_train", "ranked_eval",
                           "ppo_prompts", "eval_prompts"}
-    rows = {name: [json.loads(line) for line in path.read_text().splitlines()] for name, path in paths.items()}
-    assert "text" in rows["pretrain_train"][0] and rows["sft_train"][0]["messages"][1]["role"] == "assistant"
-    assert len(rows["ranked_train"][0]["ranked_completions"]) == 4
-    held_out = {r["prompt"][0]["content"] for r in rows["eval_prompts"]}
-    assert not held_out & {r["prompt"][0]["content"] for r in rows["ppo_prompts"]}
+    rows = {name: [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            for name, path in paths.items()}
+    assert [len(rows[name]) for name in paths] == [50, 5, 200, 40, 100, 40, 300, 40]
+    assert all(isinstance(r["text"], str) for r in rows["pretrain_train"] + rows["pretrain_eval"])
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows["sft_train"] + rows["sft_eval"])
+    assert all(len(r["ranked_completions"]) == 4 and r["ranked_completions"][0][0]["role"] == "assistant"
+               for r in rows["ranked_train"] + rows["ranked_eval"])
+    assert all(r["prompt"][0]["role"] == "user" and r["family"] in TASK_FAMILIES
+               for r in rows["ppo_prompts"] + rows["eval_prompts"])
+
+    def prompt_texts(name: str) -> set[str]:
+        return {(r["messages"] if "messages" in r else r["prompt"])[0]["content"] for r in rows[name]}
+
+    training = prompt_texts("sft_train") | prompt_texts("ranked_train") | prompt_texts("ppo_prompts")
+    held_out = prompt_texts("sft_eval") | prompt_texts("ranked_eval") | prompt_texts("eval_prompts")
+    assert not training & held_out
+    assert all(is_held_out_prompt(text) for text in held_out) and not any(is_held_out_prompt(t) for t in training)
+
     modified = {name: path.stat().st_mtime_ns for name, path in paths.items()}
     write_builtin_task(config, tmp_path)
     assert modified == {name: path.stat().st_mtime_ns for name, path in paths.items()}
+    assert not list(tmp_path.glob(".*.tmp"))
+    changed = BuiltinTaskConfig(**{**config.__dict__, "seed": 99})
+    write_builtin_task(changed, tmp_path)
+    assert json.loads((tmp_path / "task_manifest.json").read_text())["seed"] == 99
+    assert paths["ppo_prompts"].read_text(encoding="utf-8") != "".join(json.dumps(r) + "\n" for r in rows["ppo_prompts"])
 
 
-@pytest.mark.parametrize("field, value", [("sft_dialogues", 0), ("completions_per_prompt", 1),
+def test_splits_of_neighbouring_seeds_do_not_coincide(tmp_path):
+    small = dict(pretrain_stories=20, pretrain_eval_stories=20, sft_dialogues=5, sft_eval_dialogues=5, ranked_prompts=5,
+                 ranked_eval_prompts=5, ppo_prompts=5, eval_prompts=5)
+    first = write_builtin_task(BuiltinTaskConfig(seed=1, **small), tmp_path / "a")
+    second = write_builtin_task(BuiltinTaskConfig(seed=2, **small), tmp_path / "b")
+    train = set(second["pretrain_train"].read_text().splitlines())
+    assert not train & set(first["pretrain_eval"].read_text().splitlines())
+
+
+@pytest.mark.parametrize("field, value", [("sft_dialogues", 0), ("pretrain_stories", -5), ("eval_prompts", 2.5),
+                                          ("completions_per_prompt", 1), ("completions_per_prompt", 50),
                                           ("annotator_noise", -1.0), ("good_demonstration_fraction", 1.5)])
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}: "):
