@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from pipeline.checkpoints import checkpoint_step, latest_checkpoint, read_manifest
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.stage import plan_stage_start
@@ -69,6 +71,10 @@ def stage_environment(config: PipelineConfig) -> dict[str, str]:
     environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if not config.run.accelerate_config:
         environment.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    if not torch.cuda.is_available():
+        # Without it a multi-process launch on a machine with no GPU runs processes that each think they are
+        # alone; with it they form one DDP group over gloo (configs/accelerate/cpu_ddp.yaml).
+        environment.setdefault("ACCELERATE_USE_CPU", "1")
     return environment
 
 

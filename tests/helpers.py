@@ -19,14 +19,16 @@ SMOKE = REPO / "configs" / "smoke.yaml"
 def stage_command(stage: str, *overrides: str, processes: int = 1) -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", f"stages.{stage}", "--config", str(SMOKE), *overrides]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+    # `accelerate launch --cpu` starts a single process whatever --num_processes says (accelerate 1.15); the
+    # multi-process launcher with ACCELERATE_USE_CPU=1 (set in environment()) gives real DDP over gloo.
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", f"stages.{stage}",
             "--config", str(SMOKE), *overrides]
 
 
 def environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1"}
+            "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
 
 
 def run_stage(stage: str, *overrides: str, processes: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
