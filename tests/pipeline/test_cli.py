@@ -91,3 +91,16 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert resumed.returncode == 0, f"killed at {moment:.1f}s: {resumed.stderr[-3000:]}"
     for stage in ("pretrain", "sft", "reward", "ppo"):
         assert_identical_weights(tmp_path / "a" / "smoke" / stage / "final", tmp_path / "b" / "smoke" / stage / "final")
+
+
+@pytest.mark.slow
+def test_sft_reward_and_ppo_with_two_processes(smoke_run):
+    """DDP over gloo: `rlhf run` with the two-process CPU Accelerate config."""
+    result = rlhf("run", str(SMOKE), f"run.output_dir={smoke_run}", "run.stages=[sft,reward,ppo]",
+                  "run.accelerate_config=configs/accelerate/cpu_ddp.yaml", "--no-report", "sft.max_steps=10",
+                  "reward.max_steps=4", "ppo.max_steps=2", "ppo.save_steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[ppo] run" in result.stdout and "on 2 process(es)" in result.stdout
+    for stage in ("sft", "reward", "ppo"):
+        assert (smoke_run / "smoke" / stage / "final" / "model.safetensors").is_file()
+    assert (smoke_run / "smoke" / "ppo" / "checkpoint-2" / "random_states_1.pkl").is_file()  # one RNG state per rank
