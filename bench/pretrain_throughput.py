@@ -73,11 +73,19 @@ def minimal_loop(config, steps: int, bf16: bool) -> tuple[float, torch.nn.Module
     return tokens / elapsed, model
 
 
+def fresh_accelerator_state() -> None:
+    """Each run_pretraining call builds its own Accelerator; Accelerate keeps one state per process."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def stage_loop(steps: int, bf16: bool, output_dir: Path) -> float:
     config = load_config(REPO / "configs" / "default.yaml", [
         f"run.output_dir={output_dir}", f"pretrain.max_steps={steps}", f"pretrain.eval_steps={steps}",
         f"pretrain.save_steps={steps}", f"pretrain.bf16={str(bf16).lower()}", "pretrain.report_to=none",
         "pretrain.warmup_steps=5", "data.builtin.pretrain_stories=4000", "tokenizer.training_texts=4000"])
+    fresh_accelerator_state()
     run_pretraining(config)
     return read_manifest(config.run_dir / "pretrain")["train_tokens_per_second"], config
 
@@ -102,6 +110,7 @@ def shakespeare(corpus: Path, output_dir: Path) -> dict:
     config = load_config(REPO / "configs" / "default.yaml", overrides + [f"pretrain.max_steps={steps}",
                                                                         f"pretrain.eval_steps={steps}",
                                                                         f"pretrain.save_steps={steps}"])
+    fresh_accelerator_state()
     run_pretraining(config)
     eval_loss = read_manifest(config.run_dir / "pretrain")["metrics"]["eval_loss"]
     nats_per_char = eval_loss / chars_per_token
