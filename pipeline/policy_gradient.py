@@ -13,17 +13,19 @@ from torch import Tensor
 
 def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Mean over valid positions; 0 where nothing is valid."""
-    mask = mask.to(values.dtype)
-    values = torch.where(mask.bool(), values, torch.zeros_like(values))  # NaN in padding must not leak
-    if dim is None:
-        return (values * mask).sum() / mask.sum().clamp(min=1)
-    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+    mask = mask.bool()
+    # where, not values·mask: NaN·0 is NaN, so garbage in the padding would leak into the mean
+    values = torch.where(mask, values, torch.zeros_like(values))
+    # The count stays an integer: in bf16 a token count above 256 would be rounded
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return (values.sum() if dim is None else values.sum(dim)) / count.clamp(min=1)
 
 
 def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     """Variance over valid positions, Bessel-corrected by default."""
+    mask = mask.bool()
     mean = masked_mean(values, mask)
-    centred = torch.where(mask.bool(), values - mean, torch.zeros_like(values))
+    centred = torch.where(mask, values - mean, torch.zeros_like(values))
     count = mask.sum()
     variance = (centred ** 2).sum() / count.clamp(min=1)
     if unbiased:
@@ -50,8 +52,8 @@ def response_mask(response_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tens
     is_eos = response_ids == eos_token_id
     contains_eos = is_eos.any(dim=1)
     length = response_ids.shape[1]
-    first_eos = torch.where(contains_eos, is_eos.int().argmax(dim=1), torch.full_like(contains_eos, length - 1,
-                                                                                       dtype=torch.long))
+    # argmax returns the first maximal index, i.e. the first EOS
+    first_eos = torch.where(contains_eos, is_eos.int().argmax(dim=1), length - 1)
     positions = torch.arange(length, device=response_ids.device)[None, :]
     return positions <= first_eos[:, None], first_eos, contains_eos
 
@@ -75,7 +77,8 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Per-token entropy of the sampling distribution, in float32."""
     logits = logits.float() / (temperature + 1e-7)
     log_probs = torch.log_softmax(logits, dim=-1)
-    return -(log_probs.exp() * log_probs).sum(-1)
+    # A token masked to −inf has p·log p = 0·(−inf) = NaN; clamping log p to a finite floor makes it 0.
+    return -(log_probs.exp() * log_probs.clamp(min=torch.finfo(log_probs.dtype).min)).sum(-1)
 
 
 def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
@@ -90,7 +93,8 @@ def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") 
     raise ValueError(f"kl_estimator: unknown estimator {estimator!r}; use 'k1' or 'k3'")
 
 
-def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, last_index: Tensor, kl_coef: float) -> tuple[Tensor, Tensor]:
+def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, last_index: Tensor,
+                      kl_coef: float) -> tuple[Tensor, Tensor]:
     """(−β·KL on every valid token with the score added at the last valid token — the EOS, where the reward
     model read it, as in lm-human-preferences and OpenRLHF, not one past it; the KL part alone)."""
     mask = mask.bool()
@@ -127,8 +131,8 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
     """PPO's pessimistic clipped surrogate, a masked mean over tokens; the log-ratio is clamped (±20 like
     OpenRLHF) so one wild token cannot overflow exp."""
     mask = mask.bool()
-    log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs)).clamp(-log_ratio_clamp,
-                                                                                           log_ratio_clamp)
+    log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
     ratio = torch.exp(log_ratio)
     advantages = torch.where(mask, advantages, torch.zeros_like(advantages))
     unclipped = -advantages * ratio

@@ -142,6 +142,8 @@ def test_entropy_of_uniform_logits_is_log_vocabulary_size():
     peaked = torch.tensor([[[50.0, 0.0, 0.0]]])
     assert entropy_from_logits(peaked).item() < 1e-6
     assert entropy_from_logits(peaked, temperature=100.0).item() > entropy_from_logits(peaked).item()
+    # Tokens masked to −inf count as probability 0, not as NaN.
+    assert_close(entropy_from_logits(torch.tensor([[[0.0, 0.0, -math.inf]]])), torch.tensor([[math.log(2)]]))
 
 
 # ---------------------------------------------------------------- KL estimators
@@ -340,9 +342,9 @@ def test_garbage_in_padding_changes_no_loss_statistic_or_advantage():
         # The losses see the garbage directly too (advantages and returns as a buggy caller might pad them), and
         # their gradients must not turn NaN on padding: 0·NaN is NaN in a backward pass.
         new_logprobs, new_values = logprobs.clone().requires_grad_(), values.clone().requires_grad_()
-        garbage = torch.zeros_like(logprobs).masked_fill(~mask, garbage)
-        policy_loss, policy_stats = clipped_policy_loss(new_logprobs, old_logprobs, whitened + garbage, mask, 0.2)
-        value_loss, value_stats = clipped_value_loss(new_values, old_values, returns + garbage, mask, 0.2)
+        junk = torch.zeros_like(logprobs).masked_fill(~mask, garbage)
+        policy_loss, policy_stats = clipped_policy_loss(new_logprobs, old_logprobs, whitened + junk, mask, 0.2)
+        value_loss, value_stats = clipped_value_loss(new_values, old_values, returns + junk, mask, 0.2)
         (policy_loss + value_loss).backward()
         return {"rewards": rewards, "non_score": non_score, "advantages": advantages, "returns": returns,
                 "whitened": whitened, "policy_loss": policy_loss, "value_loss": value_loss,
