@@ -1,11 +1,15 @@
 """Rows of TRL's standard dataset formats → what a stage needs, each row checked and named when it is bad.
 
-`on_bad_rows="error"` stops at the first bad row with a DataError naming the file, row (1-based) and field;
-`"skip"` drops bad rows and prints one line with how many and why.
+Used by SFT (`dialogues_from_rows`), the reward model (`preference_pairs_from_rows`), PPO and the comparison
+report (`prompts_from_rows`), and `rlhf run`'s preflight check. `on_bad_rows="error"` stops at the first bad row
+with a DataError naming the file, the row (1-based) and the field; `"skip"` drops bad rows and prints one line
+with how many and why. Given a tokenizer and max_length, a row too long after templating is a bad row too:
+truncating it would cut the answer the stage learns from.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections import Counter
@@ -21,7 +25,12 @@ HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
 class BadRow(ValueError):
-    """Why one row cannot be used; turned into a DataError with the row number by `convert_rows`."""
+    """Why one row cannot be used; turned into a DataError with the row number by `convert_rows`.
+    `kind` groups rows skipped for the same reason in the summary line (default: the message itself)."""
+
+    def __init__(self, message: str, kind: str | None = None):
+        super().__init__(message)
+        self.kind = kind or message
 
 
 def convert_rows(rows: list[dict[str, Any]], where: str, on_bad_rows: str,
@@ -34,7 +43,7 @@ def convert_rows(rows: list[dict[str, Any]], where: str, on_bad_rows: str,
         except BadRow as problem:
             if on_bad_rows == "error":
                 raise DataError(f"{where} row {number}: {problem} (set data.on_bad_rows=skip to skip bad rows)") from None
-            skipped[str(problem)] += 1
+            skipped[problem.kind] += 1
     if skipped:
         reasons = "; ".join(f"{count}× {reason}" for reason, count in skipped.most_common(3))
         print(f"[data] {where}: skipped {sum(skipped.values())} of {len(rows)} rows ({reasons})", file=sys.stderr)
@@ -43,6 +52,7 @@ def convert_rows(rows: list[dict[str, Any]], where: str, on_bad_rows: str,
     return converted
 
 
+# ---------------------------------------------------------------- fields
 def text_field(row: dict[str, Any], key: str) -> str:
     if key not in row:
         raise BadRow(f"missing field '{key}'")
@@ -85,18 +95,26 @@ def as_completion(value: Any, key: str) -> str:
     return messages[-1]["content"]
 
 
-def split_hh_transcript(text: str) -> tuple[Messages, str]:
-    """HH-RLHF's "\\n\\nHuman: …\\n\\nAssistant: …" transcript → (prompt messages, last assistant reply)."""
-    parts = HH_TURN.split(text)
-    if len(parts) < 3 or parts[-2] != "Assistant":
-        raise BadRow("transcript does not end with an '\\n\\nAssistant: ' turn")
-    turns = [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
-             for role, content in zip(parts[1::2], parts[2::2])]
-    if any(not t["content"] for t in turns[:-1]):
-        raise BadRow("transcript has an empty turn")
-    return turns[:-1], turns[-1]["content"]
+# ---------------------------------------------------------------- token lengths
+def prompt_response_ids(tokenizer, prompt: str | Messages, response: str) -> list[int]:
+    """Token ids of the templated prompt (ending with the assistant header), the response, then EOS.
+
+    Built the way PPO builds its sequences (prompt ids + sampled ids, stopped by EOS) rather than by templating
+    the whole dialogue: some templates add text after the assistant's end-of-turn token, and the reward model
+    must be trained on the layout it will score."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    prompt_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True)["input_ids"])
+    return prompt_ids + tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+def check_length(length: int, max_length: int | None, key: str) -> None:
+    if max_length is not None and length > max_length:
+        raise BadRow(f"{length} tokens after templating, more than max_length={max_length} ({key})",
+                     kind=f"longer than max_length={max_length} after templating")
+
+
+# ---------------------------------------------------------------- SFT: dialogues
 def dialogue_from_row(row: dict[str, Any]) -> dict[str, Messages]:
     """A `messages` or prompt-completion row → {"messages": [...]} ending with an assistant turn."""
     if "messages" in row:
@@ -110,16 +128,26 @@ def dialogue_from_row(row: dict[str, Any]) -> dict[str, Messages]:
     return {"messages": messages}
 
 
-def dialogues_from_rows(rows: list[dict[str, Any]], where: str, on_bad_rows: str) -> list[dict[str, Messages]]:
-    return convert_rows(rows, where, on_bad_rows, dialogue_from_row)
+def dialogues_from_rows(rows: list[dict[str, Any]], where: str, on_bad_rows: str, tokenizer=None,
+                        max_length: int | None = None) -> list[dict[str, Messages]]:
+    """Messages or prompt-completion rows → {"messages": [...]}; with a tokenizer, longer than max_length is bad."""
+    def convert(row: dict[str, Any]) -> dict[str, Messages]:
+        dialogue = dialogue_from_row(row)
+        if tokenizer is not None:
+            ids = tokenizer.apply_chat_template(dialogue["messages"], tokenize=True, return_dict=True)["input_ids"]
+            check_length(len(ids), max_length, "the whole dialogue")
+        return dialogue
+
+    return convert_rows(rows, where, on_bad_rows, convert)
 
 
+# ---------------------------------------------------------------- reward model: preference pairs
 @dataclass
 class PreferencePair:
     prompt: Messages
     chosen: str
     rejected: str
-    group: int  # pairs from one prompt share a group (the row index): they train as one batch element
+    group: int  # pairs from one row (one prompt) share a group: they train as one batch element
     rank_gap: int = 1  # how many places apart the two responses were ranked
 
 
@@ -129,48 +157,91 @@ def ranked_pairs_from_lists(prompt: Messages, ranked: list[str], group: int) -> 
             for i in range(len(ranked)) for j in range(i + 1, len(ranked))]
 
 
-def preference_pairs_from_row(row: dict[str, Any], group: int) -> list[PreferencePair]:
+def split_hh_transcript(text: str) -> tuple[Messages, str]:
+    """HH-RLHF's "\\n\\nHuman: …\\n\\nAssistant: …" transcript → (prompt messages, last assistant reply)."""
+    parts = HH_TURN.split(text)
+    if len(parts) < 3 or parts[-2] != "Assistant":
+        raise BadRow("transcript does not end with an '\\n\\nAssistant: ' turn")
+    turns = [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
+             for role, content in zip(parts[1::2], parts[2::2])]
+    if any(not turn["content"] for turn in turns[:-1]):
+        raise BadRow("transcript has an empty turn")
+    if not turns[-1]["content"]:
+        raise BadRow("the last assistant turn of the transcript is empty")
+    return turns[:-1], turns[-1]["content"]
+
+
+def split_shared_prefix(chosen: str, rejected: str) -> tuple[Messages, str, str]:
+    """A standard implicit-prompt pair ("The sky is blue." / "The sky is green."): the prompt is the text both
+    share, cut back to a word boundary so that neither response starts mid-word."""
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = max(shared.rfind(" "), shared.rfind("\n"))
+    if cut <= 0 or not shared[:cut].strip():
+        raise BadRow("'chosen' and 'rejected' share no prompt; add a 'prompt' field (implicit prompts must be "
+                     "the text both start with)")
+    return [{"role": "user", "content": shared[:cut].strip()}], chosen[cut:].strip(), rejected[cut:].strip()
+
+
+def pairs_of_row(row: dict[str, Any], group: int) -> list[PreferencePair]:
+    """The (better, worse) pairs one row holds: a ranked list, or one chosen/rejected pair in any TRL layout."""
     if "ranked_completions" in row:
-        prompt = as_prompt(row.get("prompt"), "prompt") if "prompt" in row else None
-        if prompt is None:
+        if "prompt" not in row:
             raise BadRow("missing field 'prompt'")
-        ranked = row["ranked_completions"]
+        prompt, ranked = as_prompt(row["prompt"]), row["ranked_completions"]
         if not isinstance(ranked, list) or len(ranked) < 2:
             raise BadRow("'ranked_completions' must list at least 2 completions, best first")
         texts = [as_completion(c, f"ranked_completions[{i}]") for i, c in enumerate(ranked)]
-        if len(set(texts)) < len(texts):
+        if len({t.strip() for t in texts}) < len(texts):
             raise BadRow("'ranked_completions' repeats a completion")
         return ranked_pairs_from_lists(prompt, texts, group)
     if "chosen" not in row or "rejected" not in row:
         raise BadRow("needs 'chosen' and 'rejected', or 'prompt' and 'ranked_completions'")
-    if "prompt" in row:
-        prompt, chosen, rejected = as_prompt(row["prompt"]), as_completion(row["chosen"], "chosen"), as_completion(
-            row["rejected"], "rejected")
-    elif isinstance(row["chosen"], str) and isinstance(row["rejected"], str) and HH_TURN.search(row["chosen"] or ""):
-        prompt, chosen = split_hh_transcript(row["chosen"])
-        rejected_prompt, rejected = split_hh_transcript(row["rejected"])
-        if rejected_prompt != prompt:
-            raise BadRow("'chosen' and 'rejected' transcripts differ before the last assistant turn")
+    if "prompt" in row:  # explicit prompt
+        prompt = as_prompt(row["prompt"])
+        chosen, rejected = as_completion(row["chosen"], "chosen"), as_completion(row["rejected"], "rejected")
+    elif isinstance(row["chosen"], str) and isinstance(row["rejected"], str):  # implicit prompt, standard
+        chosen, rejected = text_field(row, "chosen"), text_field(row, "rejected")
+        if HH_TURN.search(chosen):
+            prompt, chosen = split_hh_transcript(chosen)
+            rejected_prompt, rejected = split_hh_transcript(rejected)
+            if rejected_prompt != prompt:
+                raise BadRow("'chosen' and 'rejected' transcripts differ before the last assistant turn")
+        else:
+            prompt, chosen, rejected = split_shared_prefix(chosen, rejected)
     else:  # implicit prompt, conversational: everything before the last assistant message
         chosen_messages, rejected_messages = messages_field(row, "chosen"), messages_field(row, "rejected")
         if chosen_messages[:-1] != rejected_messages[:-1]:
             raise BadRow("'chosen' and 'rejected' differ before their last message (implicit prompt)")
-        prompt, chosen, rejected = chosen_messages[:-1], as_completion(chosen_messages, "chosen"), as_completion(
-            rejected_messages, "rejected")
+        prompt = chosen_messages[:-1]
+        chosen, rejected = as_completion(chosen_messages, "chosen"), as_completion(rejected_messages, "rejected")
         if not prompt:
             raise BadRow("implicit-prompt pair has no prompt messages")
     if chosen.strip() == rejected.strip():
         raise BadRow("'chosen' and 'rejected' are the same")
+    if prompt[-1]["role"] == "assistant":
+        raise BadRow("the prompt ends with an assistant message; the response must answer a user")
     return [PreferencePair(prompt, chosen, rejected, group)]
 
 
-def preference_pairs_from_rows(rows: list[dict[str, Any]], where: str, on_bad_rows: str) -> list[PreferencePair]:
-    """Chosen/rejected rows (standard, conversational, implicit prompt, HH-RLHF transcripts) and ranked lists."""
-    groups = convert_rows(list(enumerate(rows)), where, on_bad_rows,
-                          lambda numbered: preference_pairs_from_row(numbered[1], numbered[0]))
+def preference_pairs_from_rows(rows: list[dict[str, Any]], where: str, on_bad_rows: str, tokenizer=None,
+                               max_length: int | None = None) -> list[PreferencePair]:
+    """Chosen/rejected rows (standard or conversational, explicit or implicit prompt, HH-RLHF transcripts) and
+    ranked lists → pairs whose `group` is the row index; with a tokenizer, a response longer than max_length
+    after templating makes its row bad."""
+    def convert(numbered: tuple[int, dict[str, Any]]) -> list[PreferencePair]:
+        index, row = numbered
+        pairs = pairs_of_row(row, index)
+        if tokenizer is not None:
+            responses = {response for pair in pairs for response in (pair.chosen, pair.rejected)}
+            longest = max(len(prompt_response_ids(tokenizer, pairs[0].prompt, r)) for r in responses)
+            check_length(longest, max_length, "prompt and longest response")
+        return pairs
+
+    groups = convert_rows(list(enumerate(rows)), where, on_bad_rows, convert)
     return [pair for group in groups for pair in group]
 
 
+# ---------------------------------------------------------------- PPO and evaluation: prompts
 def prompt_from_row(row: dict[str, Any]) -> Messages:
     if "prompt" in row:
         prompt = as_prompt(row["prompt"])

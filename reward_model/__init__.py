@@ -1,6 +1,6 @@
 """The reward model: a causal LM's backbone with a scalar head, read at the last real token (the EOS).
 
-The API the PPO stage and the comparison report call: `load_reward_model`, `score_responses` (text),
+The API the reward stage, PPO and the comparison report call: `load_reward_model`, `score_responses` (text),
 `score_token_ids` (already tokenized, left or right padded), `pairwise_loss`, `pairwise_accuracy`, and
 `RewardNormalization`, the mean/std of scores on SFT samples stored beside the weights.
 """
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
+from data.formats import prompt_response_ids
 from data.tokenizer import load_tokenizer
 
 NORMALIZATION_FILE = "reward_normalization.json"
@@ -22,19 +23,21 @@ NORMALIZATION_FILE = "reward_normalization.json"
 
 def load_reward_model(name_or_path: str | Path, trust_remote_code: bool = False
                       ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A one-output sequence classifier from a reward checkpoint, or from a causal LM (its head is then new)."""
+    """A one-output sequence classifier in float32 (safetensors only) from a reward checkpoint, or from a causal
+    LM such as the SFT model, whose backbone it keeps while the scalar head starts new (seed torch first)."""
     tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
         str(name_or_path), num_labels=1, use_safetensors=True, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    # The classifier finds the last real token by looking for padding; ours is distinct from EOS, which is read.
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
 def score_token_ids(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scores of tokenized prompt+response sequences, read at the last position the mask keeps (the EOS),
-    with positions counted over real tokens so that left padding changes nothing."""
+    """Scores [B] of tokenized prompt+response sequences, left or right padded: the head's output at the last
+    position the mask keeps (the EOS), with positions counted over real tokens so left padding changes nothing."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
@@ -43,50 +46,54 @@ def score_token_ids(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
     return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
 
 
-def encode_dialogue(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], response: str) -> list[int]:
-    """Token ids of prompt + response with the chat template, the response ended by EOS."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    messages.append({"role": "assistant", "content": response})
-    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+def right_padded(sequences: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token id lists padded on the right to the longest."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, : len(sequence)] = 1
+    return input_ids.to(device), attention_mask.to(device)
 
 
 @torch.no_grad()
 def score_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[dict]],
                     responses: list[str], batch_size: int = 32) -> torch.Tensor:
-    """Raw scores of (prompt, response) pairs, float32 [N]."""
-    model.eval()
-    encoded = [encode_dialogue(tokenizer, p, r) for p, r in zip(prompts, responses)]
-    scores = []
+    """Raw scores (float32 [N]) of each prompt (a user message or a conversation) answered by its response."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"score_responses: {len(prompts)} prompts but {len(responses)} responses")
+    encoded = [prompt_response_ids(tokenizer, p, r) for p, r in zip(prompts, responses)]
     device = next(model.parameters()).device
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start: start + batch_size]
-        width = max(len(ids) for ids in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, device=device)
-        mask = torch.zeros((len(batch), width), dtype=torch.long, device=device)
-        for row, sequence in enumerate(batch):
-            ids[row, : len(sequence)] = torch.tensor(sequence)
-            mask[row, : len(sequence)] = 1
-        scores.append(score_token_ids(model, ids, mask))
-    return torch.cat(scores) if scores else torch.zeros(0)
+    was_training = model.training
+    model.eval()
+    scores = [score_token_ids(model, *right_padded(encoded[start: start + batch_size], tokenizer.pad_token_id, device))
+              for start in range(0, len(encoded), batch_size)]
+    model.train(was_training)
+    return torch.cat(scores).cpu() if scores else torch.zeros(0)
 
 
 def pairwise_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
-                  margin: torch.Tensor | float | None = None) -> torch.Tensor:
-    """Bradley–Terry: −log σ(r_chosen − r_rejected − margin), averaged."""
+                  margin: torch.Tensor | float | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Bradley–Terry: −log σ(r_chosen − r_rejected − margin), averaged over pairs (weighted by `weights`, which
+    sum to 1, when given)."""
     difference = chosen_scores - rejected_scores
     if margin is not None:
         difference = difference - margin
-    return -F.logsigmoid(difference).mean()
+    losses = -F.logsigmoid(difference)
+    return losses.mean() if weights is None else (losses * weights).sum()
 
 
 def pairwise_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> float:
-    """Share of pairs where the chosen response scores higher."""
+    """Share of pairs where the chosen response scores strictly higher (NaN for no pairs)."""
     return (chosen_scores > rejected_scores).float().mean().item() if len(chosen_scores) else float("nan")
 
 
 @dataclass
 class RewardNormalization:
-    """Scores minus the mean, over the std, of SFT samples: PPO then starts from rewards around 0 (N+ details)."""
+    """Scores minus the mean, over the std, of the SFT policy's own samples: PPO then starts from rewards
+    around 0 with unit spread, whatever offset and scale the Bradley–Terry loss (blind to both) left."""
 
     mean: float = 0.0
     std: float = 1.0
@@ -94,12 +101,12 @@ class RewardNormalization:
     def apply(self, scores: torch.Tensor) -> torch.Tensor:
         return (scores - self.mean) / self.std
 
-    def save(self, directory: Path) -> None:
-        (Path(directory) / NORMALIZATION_FILE).write_text(json.dumps(asdict(self), indent=2))
+    def save(self, directory: str | Path) -> None:
+        (Path(directory) / NORMALIZATION_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: Path) -> RewardNormalization:
-        """The stored statistics, or the identity when the checkpoint has none."""
+    def load(cls, directory: str | Path) -> RewardNormalization:
+        """The statistics stored in a reward checkpoint, or the identity (0, 1) when it has none."""
         path = Path(directory) / NORMALIZATION_FILE
         if not path.is_file():
             return cls()
@@ -107,4 +114,6 @@ class RewardNormalization:
 
     @classmethod
     def from_scores(cls, scores: torch.Tensor) -> RewardNormalization:
-        return cls(float(scores.mean()), float(scores.std().clamp(min=1e-6)) if len(scores) > 1 else 1.0)
+        """Mean and std of a batch of scores; a std of 1 when there are too few to measure one."""
+        std = float(scores.float().std()) if len(scores) > 1 else 1.0
+        return cls(float(scores.float().mean()), max(std, 1e-6))

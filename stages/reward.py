@@ -1,19 +1,36 @@
-"""Stage 3, the reward model: learn human preferences from ranked responses, with TRL's RewardTrainer.
+"""Stage 3, the reward model: learn which responses people prefer, with TRL's RewardTrainer.
 
     accelerate launch -m stages.reward --config configs/default.yaml [reward.max_steps=100 ...]
 
-The backbone comes from the SFT model, the scalar head is new. Data: chosen/rejected pairs (standard or
-conversational, explicit or implicit prompt, HH-RLHF transcripts) or ranked lists of K responses, which
-expand to all K·(K−1)/2 pairs as in InstructGPT. The pairs of one prompt form one batch element, so a
-prompt with many comparisons does not dominate an epoch: `reward.per_device_train_batch_size` counts prompts.
-With `reward.margin` > 0, a pair's margin is that value times the rank gap between its two responses.
+Reads, top to bottom: config → data (preference rows → prompt groups) → model (the SFT model's backbone, a
+new scalar head) → RewardTrainer → held-out accuracy → reward normalisation → final/. Every field of the
+`reward` section goes to TRL's `RewardConfig`; ours are `peft` (LoRA), `margin` and `normalization_samples`.
 
-After training: held-out pairwise accuracy against the annotator's labels and (built-in task) against the
-gold judge, saved in the manifest; and the mean/std of scores on SFT samples, saved beside the weights
-(reward_normalization.json) so PPO starts from rewards around 0.
+Data: the built-in task's ranked lists (K responses per prompt, best first, from a simulated annotator), or
+any dataset in TRL's preference format: chosen/rejected pairs, standard or conversational, with an explicit
+prompt or an implicit one (HH-RLHF's whole "\\n\\nHuman: …\\n\\nAssistant: …" transcripts, which share the
+prompt and differ in the last assistant turn, become a conversation and its two last replies), or our ranked
+lists (`prompt`, `ranked_completions`). A ranked list gives all K·(K−1)/2 pairs, as in InstructGPT, and they
+stay together: one prompt is one batch element, each of its K responses goes through the model once, and
+its pairs' losses are averaged, so a prompt weighs the same whatever its K and never dominates an epoch
+(`reward.per_device_train_batch_size` counts prompts). `reward.margin` > 0 asks the chosen score to lead by
+that margin times the rank gap between the two responses (Llama 2's margin loss).
 
-Real data: `rlhf run configs/default.yaml data.reward.path=../shared/data/hh-rlhf/harmless-base-test.jsonl.gz`
-(or `data.reward.path=Anthropic/hh-rlhf data.reward.eval_split=test run.offline=false` from the hub).
+After training, on the held-out rows: pairwise accuracy against the annotator's labels and, on the built-in
+task, against the hidden gold judge's ordering, both in the manifest's `metrics`. Then the mean/std of the
+scores of responses sampled from the SFT policy (the model this stage started from) on the prompts PPO will
+see, stored as final/reward_normalization.json: PPO's rewards then start around 0 with unit spread.
+
+Real data, e.g. Anthropic's HH-RLHF (a local copy, or the hub dataset):
+
+    python -m stages.reward --config configs/default.yaml \\
+        data.reward.path=../shared/data/hh-rlhf/harmless-base-test.jsonl.gz data.reward.eval_fraction=0.05
+    python -m stages.reward --config configs/default.yaml run.offline=false \\
+        data.reward.path=Anthropic/hh-rlhf data.reward.eval_split=test
+
+Its dialogues are long for the default model's 256-token context: rows longer than `reward.max_length` after
+templating stop the stage unless `data.on_bad_rows=skip` (then they are counted and left out). With a dataset
+of your own, normalisation samples the held-out prompts unless `data.ppo` names PPO's prompts.
 """
 
 from __future__ import annotations
@@ -23,192 +40,242 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from trl import RewardTrainer
 
 from data.builtin_task import gold_score, write_builtin_task
-from data.formats import PreferencePair, preference_pairs_from_rows, prompts_from_rows
-from data.loading import DataError, load_source, read_rows
+from data.formats import Messages, PreferencePair, preference_pairs_from_rows, prompt_response_ids, prompts_from_rows
+from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer
 from pipeline.checkpoints import atomic_directory, write_manifest
 from pipeline.config import PipelineConfig
 from pipeline.hf_trainer import PipelineCallback, metrics_log_for, train_with_resume, trainer_arguments
 from pipeline.models import load_causal_lm
-from pipeline.stage import plan_stage_start, run_stage_main, stage_input_model
+from pipeline.stage import plan_stage_start, run_stage_main, seed_everything, stage_input_model
 from reward_model import (
-    RewardNormalization, encode_dialogue, load_reward_model, pairwise_accuracy, score_responses)
+    RewardNormalization, load_reward_model, pairwise_accuracy, pairwise_loss, right_padded, score_responses,
+    score_token_ids)
 
 STAGE = "reward"
 
 
-def preference_splits(config: PipelineConfig, is_main: bool) -> tuple[list[PreferencePair], list[PreferencePair], bool]:
-    """(train, eval) pairs and whether they come from the built-in task (so the gold judge applies)."""
+# ---------------------------------------------------------------- data
+def preference_splits(config: PipelineConfig, tokenizer) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, eval) pairs, every row checked (length included) before training starts."""
+    state, max_length, on_bad_rows = PartialState(), config.reward.get("max_length"), config.data.on_bad_rows
     if config.data.reward is None:
         data_dir = config.run_dir / "data"
-        if is_main:
+        if state.is_main_process:
             write_builtin_task(config.data.builtin, data_dir)
-        train_rows, eval_rows = read_rows(data_dir / "ranked_train.jsonl"), read_rows(data_dir / "ranked_eval.jsonl")
-        where, builtin = str(data_dir / "ranked_train.jsonl"), True
+        state.wait_for_everyone()
+        sources = {"train": data_dir / "ranked_train.jsonl", "eval": data_dir / "ranked_eval.jsonl"}
+        rows = {split: read_rows(path) for split, path in sources.items()}
+        where = {split: str(path) for split, path in sources.items()}
     else:
-        train_rows, eval_rows = load_source(config.data.reward, "data.reward", config.run.seed)
-        where, builtin = f"data.reward ({config.data.reward.path})", False
-    train = preference_pairs_from_rows(train_rows, where, config.data.on_bad_rows)
-    evaluation = preference_pairs_from_rows(eval_rows, where + " eval split", config.data.on_bad_rows) if eval_rows else []
-    return train, evaluation, builtin
+        source = config.data.reward
+        rows = dict(zip(("train", "eval"), load_source(source, "data.reward", config.run.seed)))
+        where = {"train": f"data.reward ({source.path})", "eval": f"data.reward ({source.eval_split or 'held-out share'})"}
+    return tuple(preference_pairs_from_rows(rows[split], where[split], on_bad_rows, tokenizer, max_length)
+                 if rows[split] else [] for split in ("train", "eval"))
 
 
-def grouped_examples(pairs: list[PreferencePair], tokenizer, max_length: int | None, margin: float, where: str,
-                     on_bad_rows: str) -> list[dict[str, Any]]:
-    """One example per prompt group: the token ids of all its chosen and rejected responses."""
-    groups: dict[int, dict[str, list]] = {}
+def prompt_groups(pairs: list[PreferencePair], tokenizer, margin: float) -> list[dict[str, Any]]:
+    """One training example per prompt: its distinct responses, tokenized once, and its pairs as
+    (better, worse) indices into them with their margins."""
+    groups: dict[int, dict[str, Any]] = {}
     for pair in pairs:
-        chosen, rejected = encode_dialogue(tokenizer, pair.prompt, pair.chosen), encode_dialogue(tokenizer, pair.prompt,
-                                                                                                 pair.rejected)
-        if max_length is not None and max(len(chosen), len(rejected)) > max_length:
-            if on_bad_rows == "error":
-                raise DataError(f"{where} row {pair.group + 1}: {max(len(chosen), len(rejected))} tokens after "
-                                f"templating, more than reward.max_length={max_length} (set data.on_bad_rows=skip)")
-            continue
-        group = groups.setdefault(pair.group, {"chosen_ids": [], "rejected_ids": [], "margin": []})
-        group["chosen_ids"].append(chosen)
-        group["rejected_ids"].append(rejected)
+        group = groups.setdefault(pair.group, {"prompt": pair.prompt, "responses": {}, "better": [], "worse": [],
+                                               "margin": []})
+        for key, response in (("better", pair.chosen), ("worse", pair.rejected)):
+            group[key].append(group["responses"].setdefault(response, len(group["responses"])))
         group["margin"].append(margin * pair.rank_gap)
-    return list(groups.values())
+    return [{"response_ids": [prompt_response_ids(tokenizer, group["prompt"], r) for r in group["responses"]],
+             "better": group["better"], "worse": group["worse"], "margin": group["margin"]}
+            for group in groups.values()]
 
 
 @dataclass
-class GroupedPreferenceCollator:
-    """Flattens prompt groups into RewardTrainer's layout: all chosen sequences, then all rejected ones."""
+class PromptGroupCollator:
+    """Prompt groups → every response of the batch right-padded in one tensor, plus each pair's two row
+    indices, margin and weight (1 / its group's pairs / the groups: each prompt weighs the same)."""
 
     pad_token_id: int
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        chosen = [ids for example in examples for ids in example["chosen_ids"]]
-        rejected = [ids for example in examples for ids in example["rejected_ids"]]
-        sequences = chosen + rejected
-        width = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            input_ids[row, : len(sequence)] = torch.tensor(sequence)
-            attention_mask[row, : len(sequence)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        margins = [m for example in examples for m in example["margin"]]
-        if any(margins):
-            batch["margin"] = torch.tensor(margins, dtype=torch.float)
-        return batch
+        sequences, better, worse, margin, weight = [], [], [], [], []
+        for example in examples:
+            offset, pairs = len(sequences), len(example["better"])
+            sequences += example["response_ids"]
+            better += [offset + i for i in example["better"]]
+            worse += [offset + i for i in example["worse"]]
+            margin += example["margin"]
+            weight += [1 / pairs / len(examples)] * pairs
+        input_ids, attention_mask = right_padded(sequences, self.pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "better": torch.tensor(better),
+                "worse": torch.tensor(worse), "margin": torch.tensor(margin), "pair_weight": torch.tensor(weight)}
 
 
-class GroupedRewardTrainer(RewardTrainer):
-    """RewardTrainer whose batch elements are prompt groups (already tokenized by us, so no re-processing)."""
+class PromptGroupedRewardTrainer(RewardTrainer):
+    """RewardTrainer on prompt groups: each response scored once, then the Bradley–Terry loss on every pair.
+    TRL's own layout (one pair per element, chosen half then rejected half) would score a response of a
+    K = 4 list in three pairs three times, and spread a prompt's pairs over several batches."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return dataset
+        return dataset  # tokenized by prompt_groups
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["chosen_ids", "rejected_ids", "margin"]
+            self._signature_columns = ["response_ids", "better", "worse", "margin"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        # Through the (possibly DDP-wrapped) model, so gradients sync; right padding, so the classifier's
+        # last-non-pad pooling reads the EOS exactly where score_token_ids does.
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        scores = outputs.logits.squeeze(-1).float()
+        chosen, rejected = scores[inputs["better"]], scores[inputs["worse"]]
+        loss = pairwise_loss(chosen, rejected, inputs["margin"], weights=inputs["pair_weight"])
+        if self.args.center_rewards_coefficient is not None:
+            loss = loss + self.args.center_rewards_coefficient * torch.mean(scores ** 2)
+        with torch.no_grad():
+            accuracy = (chosen > rejected).float().mean()
+            for name, value in (("accuracy", accuracy), ("margin", (chosen - rejected).mean()),
+                                ("mean_reward", scores.mean())):
+                self._metrics[mode][name].append(self.accelerator.reduce(value, reduction="mean").item())
+        return (loss, outputs) if return_outputs else loss
 
 
+# ---------------------------------------------------------------- after training
 @torch.no_grad()
 def held_out_accuracy(model, tokenizer, pairs: list[PreferencePair], builtin: bool) -> dict[str, float]:
-    """Pairwise accuracy against the annotator's labels, and on the built-in task against the gold judge."""
+    """Pairwise accuracy against the annotator's labels, and on the built-in task against the gold judge
+    (on the pairs the judge does not score equal), with how often the annotator agrees with the judge."""
     if not pairs:
         return {}
-    model.eval()
-    chosen = score_responses(model, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs])
-    rejected = score_responses(model, tokenizer, [p.prompt for p in pairs], [p.rejected for p in pairs])
+    keys = list(dict.fromkeys((p.group, r) for p in pairs for r in (p.chosen, p.rejected)))
+    prompts = {p.group: p.prompt for p in pairs}
+    scores = dict(zip(keys, score_responses(model, tokenizer, [prompts[g] for g, _ in keys], [r for _, r in keys]).tolist()))
+    chosen = torch.tensor([scores[(p.group, p.chosen)] for p in pairs])
+    rejected = torch.tensor([scores[(p.group, p.rejected)] for p in pairs])
     metrics = {"eval_accuracy": pairwise_accuracy(chosen, rejected), "eval_pairs": len(pairs)}
     if builtin:
         gold = [(gold_score(p.prompt[-1]["content"], p.chosen), gold_score(p.prompt[-1]["content"], p.rejected))
                 for p in pairs]
-        decided = [i for i, (a, b) in enumerate(gold) if a != b]
-        agree = [(chosen[i] > rejected[i]).item() == (gold[i][0] > gold[i][1]) for i in decided]
-        metrics["eval_gold_accuracy"] = sum(agree) / len(agree) if agree else float("nan")
-        metrics["annotator_gold_agreement"] = sum(gold[i][0] > gold[i][1] for i in decided) / max(len(decided), 1)
+        ordered = [i for i, (a, b) in enumerate(gold) if a != b]
+        gold_prefers_chosen = torch.tensor([gold[i][0] > gold[i][1] for i in ordered])
+        model_prefers_chosen = chosen[ordered] > rejected[ordered]
+        metrics.update(eval_gold_accuracy=(model_prefers_chosen == gold_prefers_chosen).float().mean().item(),
+                       annotator_gold_agreement=gold_prefers_chosen.float().mean().item(),
+                       eval_gold_pairs=len(ordered))
     return metrics
 
 
-@torch.no_grad()
-def normalization_from_sft_samples(config: PipelineConfig, input_model: str, model, tokenizer,
-                                   count: int) -> RewardNormalization:
-    """Score SFT-policy samples on prompts the policy will see in PPO; their mean/std normalise rewards."""
-    if config.data.ppo is None:
-        rows = read_rows(config.run_dir / "data" / "ppo_prompts.jsonl")
-    else:
+def normalization_prompts(config: PipelineConfig, eval_pairs: list[PreferencePair]) -> list[Messages]:
+    """The prompts PPO will answer: data.ppo's, else the built-in task's, else the reward data's held-out ones."""
+    count = config.reward["normalization_samples"]
+    if config.data.ppo is not None:
         rows, _ = load_source(config.data.ppo, "data.ppo", config.run.seed)
-    conversations = prompts_from_rows(rows[:count], "reward normalisation prompts", "skip")
-    policy = load_causal_lm(input_model, tokenizer, config.model.trust_remote_code).eval()
+        return prompts_from_rows(rows[:count], f"data.ppo ({config.data.ppo.path})", "skip")
+    if config.data.reward is None:
+        path = config.run_dir / "data" / "ppo_prompts.jsonl"
+        return prompts_from_rows(read_rows(path)[:count], str(path), "skip")
+    held_out = {pair.group: pair.prompt for pair in eval_pairs}
+    return list(held_out.values())[:count]
+
+
+@torch.no_grad()
+def normalization_from_policy_samples(config: PipelineConfig, policy_path: str, reward_model, tokenizer,
+                                      prompts: list[Messages]) -> RewardNormalization:
+    """Sample one response per prompt from the policy as PPO's rollouts will (temperature, length, stop at
+    EOS), score the token ids as PPO will, and keep the scores' mean and std."""
+    if not prompts:
+        print("[reward] no prompts to sample for reward normalisation: PPO will use raw scores")
+        return RewardNormalization()
+    policy = load_causal_lm(policy_path, tokenizer, config.model.trust_remote_code).eval()
     torch.manual_seed(config.run.seed)
-    responses = []
-    for conversation in conversations:
-        ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)
-        output = policy.generate(**ids, do_sample=True, temperature=config.ppo.temperature, top_k=0, top_p=1.0,
+    prompt_ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+                  for p in prompts]
+    sequences = []
+    for start in range(0, len(prompt_ids), 64):
+        batch = prompt_ids[start: start + 64]
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + list(ids) for ids in batch])
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+        output = policy.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                                 temperature=config.ppo.temperature, top_k=0, top_p=1.0,
                                  max_new_tokens=config.ppo.response_length, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
-        responses.append(tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
-    return RewardNormalization.from_scores(score_responses(model, tokenizer, conversations, responses))
+        for ids, generated in zip(batch, output[:, width:].tolist()):
+            if tokenizer.eos_token_id in generated:
+                generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
+            sequences.append(list(ids) + generated)
+    reward_model.eval()
+    scores = torch.cat([score_token_ids(reward_model, *right_padded(sequences[i: i + 32], tokenizer.pad_token_id))
+                        for i in range(0, len(sequences), 32)])
+    return RewardNormalization.from_scores(scores)
 
 
+# ---------------------------------------------------------------- the stage
 def run_reward(config: PipelineConfig, restart: bool = False) -> Path:
     """Train the reward model; return the directory of the final checkpoint."""
-    from accelerate import PartialState
-
-    is_main = PartialState().is_main_process
-    start = plan_stage_start(config, STAGE, restart, is_main)
+    state = PartialState()
+    start = plan_stage_start(config, STAGE, restart, state.is_main_process)
     if start.already_finished:
         print(f"[reward] already finished: {start.stage_dir / 'final'}")
         return start.stage_dir / "final"
+    seed_everything(config.run.seed)  # the new head's initial weights come from torch's generator
     section = config.reward
     input_model = stage_input_model(config, STAGE)
     tokenizer = load_tokenizer(input_model, config.model.trust_remote_code)
-    train_pairs, eval_pairs, builtin = preference_splits(config, is_main)
-    PartialState().wait_for_everyone()
-    max_length = section.get("max_length")
-    train = grouped_examples(train_pairs, tokenizer, max_length, section["margin"], "reward train",
-                             config.data.on_bad_rows)
-    evaluation = grouped_examples(eval_pairs, tokenizer, max_length, section["margin"], "reward eval",
-                                  config.data.on_bad_rows)
-    if not train:
-        raise DataError("reward: no training pairs left after filtering")
-    print(f"[reward] {len(train_pairs)} pairs from {len(train)} prompts ({len(eval_pairs)} held-out pairs), "
-          f"from {input_model}")
+    train_pairs, eval_pairs = preference_splits(config, tokenizer)
+    train, evaluation = (prompt_groups(pairs, tokenizer, section["margin"]) for pairs in (train_pairs, eval_pairs))
+    if state.is_main_process:
+        print(f"[reward] {len(train_pairs)} pairs from {len(train)} prompts, {len(eval_pairs)} held-out pairs from "
+              f"{len(evaluation)} prompts; from {input_model}")
 
     model, _ = load_reward_model(input_model, config.model.trust_remote_code)
     peft_config = None
     if section.get("peft"):
         from peft import LoraConfig
 
-        peft_config = LoraConfig(**section["peft"], task_type="SEQ_CLS")
-    arguments = trainer_arguments(config, STAGE, start.stage_dir, bool(evaluation), remove_unused_columns=False)
-    metrics_log = metrics_log_for(start, is_main)
-    trainer = GroupedRewardTrainer(
+        peft_config = LoraConfig(**section["peft"], task_type="SEQ_CLS")  # SEQ_CLS also trains the new head
+    arguments = trainer_arguments(config, STAGE, start.stage_dir, has_eval=bool(evaluation), remove_unused_columns=False)
+    metrics_log = metrics_log_for(start, state.is_main_process)
+    trainer = PromptGroupedRewardTrainer(
         model=model, args=arguments, train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(evaluation) if evaluation else None, processing_class=tokenizer,
-        data_collator=GroupedPreferenceCollator(tokenizer.pad_token_id), peft_config=peft_config,
+        data_collator=PromptGroupCollator(tokenizer.pad_token_id), peft_config=peft_config,
         callbacks=[PipelineCallback(start.stage_dir, config.run.keep_last_checkpoints, metrics_log)])
     wall_time = train_with_resume(trainer, start, config, STAGE, input_model)
 
     final_dir = start.stage_dir / "final"
+    adapter = peft_config is not None
+    # Every process takes part: under FSDP or ZeRO-3 this gathers the shards (LoRA runs are merged on one process).
+    state_dict = None if adapter else trainer.accelerator.get_state_dict(trainer.model)
     if trainer.is_world_process_zero():
         trained = trainer.accelerator.unwrap_model(trainer.model)
-        if hasattr(trained, "merge_and_unload"):
-            trained = trained.merge_and_unload()
-        metrics = held_out_accuracy(trained, tokenizer, eval_pairs, builtin)
-        normalization = normalization_from_sft_samples(config, input_model, trained, tokenizer,
-                                                       section["normalization_samples"])
         with atomic_directory(final_dir) as staging:
-            trained.save_pretrained(staging, safe_serialization=True)
+            if adapter:
+                trained.merge_and_unload().save_pretrained(staging)
+            else:
+                trained.save_pretrained(staging, state_dict=state_dict)
             tokenizer.save_pretrained(staging)
+            # Measured on the saved weights, as loaded by PPO and the report.
+            saved, _ = load_reward_model(staging, config.model.trust_remote_code)
+            metrics = held_out_accuracy(saved, tokenizer, eval_pairs, builtin=config.data.reward is None)
+            normalization = normalization_from_policy_samples(config, input_model, saved, tokenizer,
+                                                              normalization_prompts(config, eval_pairs))
             normalization.save(staging)
         write_manifest(start.stage_dir, status="finished", steps=trainer.state.global_step,
-                       wall_time_s=round(wall_time, 1), metrics=metrics,
-                       normalization={"mean": normalization.mean, "std": normalization.std})
-        print(f"[reward] held-out accuracy {metrics.get('eval_accuracy', float('nan')):.3f} vs annotator"
-              + (f", {metrics['eval_gold_accuracy']:.3f} vs gold" if "eval_gold_accuracy" in metrics else ""))
+                       wall_time_s=round(wall_time, 1), train_pairs=len(train_pairs), train_prompts=len(train),
+                       metrics=metrics, normalization={"mean": normalization.mean, "std": normalization.std})
+        gold = f", {metrics['eval_gold_accuracy']:.3f} vs the gold judge" if "eval_gold_accuracy" in metrics else ""
+        if metrics:
+            print(f"[reward] held-out pairwise accuracy {metrics['eval_accuracy']:.3f} vs the annotator{gold}")
     trainer.accelerator.wait_for_everyone()
-    print(f"[reward] done: {final_dir}")
+    if state.is_main_process:
+        print(f"[reward] done: {final_dir}")
     return final_dir
 
 

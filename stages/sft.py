@@ -2,11 +2,21 @@
 
     accelerate launch -m stages.sft --config configs/default.yaml [sft.max_steps=100 ...]
 
-Every field of the `sft` config section goes to TRL's `SFTConfig`; ours are `peft` (LoRA), `save_adapter_only`
-and `sample_prompts`. The loss covers assistant tokens only (the chat template marks them with
-{% generation %}). Data: the built-in task's dialogues, or any `messages` / prompt-completion dataset.
-Resume is HF Trainer's, which is bit-exact on CPU; final/ is a full model (LoRA merged) unless
-save_adapter_only is set.
+Reads, top to bottom: config → data (dialogues, checked row by row) → model (LoRA optional) → SFTTrainer →
+final/. Every field of the `sft` section goes to TRL's `SFTConfig` (max_steps, learning_rate, packing, ...);
+ours are `peft` (LoRA: r, lora_alpha, lora_dropout, target_modules), `save_adapter_only` and `sample_prompts`.
+The run directory decides output_dir, seed and checkpoint pruning.
+
+Data: the built-in task's dialogues, or any `messages` / prompt-completion dataset (`data.sft.path=...`, a
+local file or a hub id). Prompt-completion rows become two-message dialogues, so every dataset trains the
+same way: through the tokenizer's chat template, with the loss on the assistant's tokens only (the template
+marks them with {% generation %}; TRL turns the mark into -100 labels elsewhere). A row longer than
+`sft.max_length` after templating is a bad row (`data.on_bad_rows`), not silently cut mid-answer.
+
+At each evaluation: the held-out loss, and greedy answers to `sft.sample_prompts` held-out prompts, written
+to metrics.jsonl and the log. Resume is HF Trainer's, bit-exact on CPU. final/ is a full model that
+`AutoModelForCausalLM` loads (a LoRA adapter merged in), unless `save_adapter_only: true` keeps the adapter
+alone (it then names the input model by absolute path as its base).
 """
 
 from __future__ import annotations
@@ -14,64 +24,57 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from data.builtin_task import write_builtin_task
 from data.formats import dialogues_from_rows
-from data.loading import DataError, load_source, read_rows
+from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer
-from pipeline.checkpoints import atomic_directory, write_manifest
+from pipeline.checkpoints import MetricsLog, atomic_directory, write_manifest
 from pipeline.config import PipelineConfig
 from pipeline.hf_trainer import PipelineCallback, metrics_log_for, train_with_resume, trainer_arguments
-from pipeline.models import load_causal_lm, save_hf_model
-from pipeline.stage import plan_stage_start, run_stage_main, stage_input_model
+from pipeline.models import count_parameters, load_causal_lm, save_hf_model
+from pipeline.stage import plan_stage_start, run_stage_main, seed_everything, stage_input_model
 
 STAGE = "sft"
+SAMPLE_TOKENS = 64  # new tokens per sample answer at evaluation
 
 
-def dialogue_splits(config: PipelineConfig, is_main: bool) -> tuple[list[dict], list[dict]]:
-    """(train, eval) dialogues as {"messages": [...]}, every row checked before training starts."""
+# ---------------------------------------------------------------- data
+def dialogue_splits(config: PipelineConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    """(train, eval) dialogues as {"messages": [...]}, every row checked (length included) before training."""
+    state, max_length, on_bad_rows = PartialState(), config.sft.get("max_length"), config.data.on_bad_rows
     if config.data.sft is None:
         data_dir = config.run_dir / "data"
-        if is_main:
+        if state.is_main_process:
             write_builtin_task(config.data.builtin, data_dir)
-        train_rows, eval_rows = read_rows(data_dir / "sft_train.jsonl"), read_rows(data_dir / "sft_eval.jsonl")
-        where = str(data_dir / "sft_train.jsonl")
+        state.wait_for_everyone()
+        sources = {"train": data_dir / "sft_train.jsonl", "eval": data_dir / "sft_eval.jsonl"}
+        rows = {split: read_rows(path) for split, path in sources.items()}
+        where = {split: str(path) for split, path in sources.items()}
     else:
-        train_rows, eval_rows = load_source(config.data.sft, "data.sft", config.run.seed)
-        where = f"data.sft ({config.data.sft.path})"
-    return (dialogues_from_rows(train_rows, where, config.data.on_bad_rows),
-            dialogues_from_rows(eval_rows, where + " eval split", config.data.on_bad_rows) if eval_rows else [])
+        source = config.data.sft
+        rows = dict(zip(("train", "eval"), load_source(source, "data.sft", config.run.seed)))
+        where = {"train": f"data.sft ({source.path})", "eval": f"data.sft ({source.eval_split or 'held-out share'})"}
+    return tuple(dialogues_from_rows(rows[split], where[split], on_bad_rows, tokenizer, max_length) if rows[split] else []
+                 for split in ("train", "eval"))
 
 
-def drop_too_long(dialogues: list[dict], tokenizer, max_length: int | None, where: str, on_bad_rows: str) -> list[dict]:
-    """Dialogues longer than max_length after templating would be cut mid-answer: report or skip them."""
-    if max_length is None:
-        return dialogues
-    kept = []
-    for number, dialogue in enumerate(dialogues, start=1):
-        length = len(tokenizer.apply_chat_template(dialogue["messages"], tokenize=True, return_dict=True)["input_ids"])
-        if length <= max_length:
-            kept.append(dialogue)
-        elif on_bad_rows == "error":
-            raise DataError(f"{where} row {number}: {length} tokens after templating, more than sft.max_length="
-                            f"{max_length} (set data.on_bad_rows=skip to skip such rows)")
-    if len(kept) < len(dialogues):
-        print(f"[data] {where}: skipped {len(dialogues) - len(kept)} rows longer than {max_length} tokens")
-    return kept
+# ---------------------------------------------------------------- samples at evaluation
+class SampleAnswers(TrainerCallback):
+    """Greedy answers to a few held-out prompts at each evaluation: progress a person can read."""
 
-
-class SampleGenerations(TrainerCallback):
-    """A few answers to held-out prompts at each evaluation: progress a person can read."""
-
-    def __init__(self, tokenizer, prompts: list[list[dict]], metrics_log):
+    def __init__(self, tokenizer, prompts: list[list[dict]], metrics_log: MetricsLog):
         self.tokenizer, self.prompts, self.metrics_log = tokenizer, prompts, metrics_log
 
     @torch.no_grad()
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero or not self.prompts or model is None:
+        # Under FSDP or ZeRO-3 the unwrapped model holds only this process's shard: no samples there.
+        sharded = bool(args.fsdp) or (args.deepspeed is not None and args.hf_deepspeed_config.is_zero3())
+        if not state.is_world_process_zero or not self.prompts or model is None or sharded:
             return
         was_training = model.training
         model.eval()
@@ -79,32 +82,32 @@ class SampleGenerations(TrainerCallback):
         for prompt in self.prompts:
             ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
                                                      return_dict=True).to(model.device)
-            output = model.generate(**ids, max_new_tokens=48, do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
-                                    eos_token_id=self.tokenizer.eos_token_id)
+            output = model.generate(**ids, max_new_tokens=SAMPLE_TOKENS, do_sample=False,
+                                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
             answer = self.tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
             samples.append({"prompt": prompt[-1]["content"], "response": answer})
-            print(f"[sft step {state.global_step}] {prompt[-1]['content'][-60:]!r} -> {answer!r}", flush=True)
+            print(f"[sft] step {state.global_step} sample: {prompt[-1]['content'][-70:]!r} -> {answer!r}", flush=True)
         self.metrics_log.write(state.global_step, {"samples": samples})
         model.train(was_training)
 
 
+# ---------------------------------------------------------------- the stage
 def run_sft(config: PipelineConfig, restart: bool = False) -> Path:
-    """Fine-tune on dialogues; return the directory of the final model."""
-    from accelerate import PartialState
-
-    is_main = PartialState().is_main_process
-    start = plan_stage_start(config, STAGE, restart, is_main)
+    """Fine-tune the input model on dialogues; return the directory of the final model."""
+    state = PartialState()
+    start = plan_stage_start(config, STAGE, restart, state.is_main_process)
     if start.already_finished:
         print(f"[sft] already finished: {start.stage_dir / 'final'}")
         return start.stage_dir / "final"
+    seed_everything(config.run.seed)  # LoRA's initial weights come from torch's generator
     section = config.sft
     input_model = stage_input_model(config, STAGE)
+    if Path(input_model).is_dir():  # an adapter saved alone must find its base from anywhere
+        input_model = str(Path(input_model).resolve())
     tokenizer = load_tokenizer(input_model, config.model.trust_remote_code)
-    train, evaluation = dialogue_splits(config, is_main)
-    PartialState().wait_for_everyone()
-    train = drop_too_long(train, tokenizer, section.get("max_length"), "sft train", config.data.on_bad_rows)
-    evaluation = drop_too_long(evaluation, tokenizer, section.get("max_length"), "sft eval", config.data.on_bad_rows)
-    print(f"[sft] {len(train)} dialogues ({len(evaluation)} held out), from {input_model}")
+    train, evaluation = dialogue_splits(config, tokenizer)
+    if state.is_main_process:
+        print(f"[sft] {len(train)} dialogues, {len(evaluation)} held out; from {input_model}")
 
     model = load_causal_lm(input_model, tokenizer, config.model.trust_remote_code)
     peft_config = None
@@ -112,35 +115,44 @@ def run_sft(config: PipelineConfig, restart: bool = False) -> Path:
         from peft import LoraConfig
 
         peft_config = LoraConfig(**section["peft"], task_type="CAUSAL_LM")
-    arguments = trainer_arguments(config, STAGE, start.stage_dir, bool(evaluation))
-    metrics_log = metrics_log_for(start, is_main)
-    samples_log = metrics_log_for(start, is_main, "samples.jsonl")
-    callbacks = [PipelineCallback(start.stage_dir, config.run.keep_last_checkpoints, metrics_log),
-                 SampleGenerations(tokenizer, [d["messages"][:-1] for d in evaluation[: section["sample_prompts"]]],
-                                   samples_log)]
-    trainer = SFTTrainer(model=model, args=arguments, train_dataset=Dataset.from_list(train),
-                         eval_dataset=Dataset.from_list(evaluation) if evaluation else None,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    arguments = trainer_arguments(config, STAGE, start.stage_dir, has_eval=bool(evaluation))
+    metrics_log = metrics_log_for(start, state.is_main_process)
+    sample_prompts = [dialogue["messages"][:-1] for dialogue in evaluation[: section["sample_prompts"]]]
+    trainer = SFTTrainer(
+        model=model, args=arguments, train_dataset=Dataset.from_list(train),
+        eval_dataset=Dataset.from_list(evaluation) if evaluation else None, processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[PipelineCallback(start.stage_dir, config.run.keep_last_checkpoints, metrics_log),
+                   SampleAnswers(tokenizer, sample_prompts, metrics_log)])
     wall_time = train_with_resume(trainer, start, config, STAGE, input_model)
-    evaluated = [m for m in metrics_log.read() if "eval_loss" in m]
-    evaluation_metrics = evaluated[-1] if evaluated else (trainer.evaluate() if evaluation else {})
 
     final_dir = start.stage_dir / "final"
+    adapter = peft_config is not None
+    # Every process takes part: under FSDP or ZeRO-3 this gathers the shards (LoRA runs are merged on one process).
+    state_dict = None if adapter else trainer.accelerator.get_state_dict(trainer.model)
     if trainer.is_world_process_zero():
+        trained = trainer.accelerator.unwrap_model(trainer.model)
+        sizes = {"parameters": count_parameters(trained),
+                 "trainable_parameters": sum(p.numel() for p in trained.parameters() if p.requires_grad)}
         with atomic_directory(final_dir) as staging:
-            trained = trainer.accelerator.unwrap_model(trainer.model)
-            if section.get("save_adapter_only") and hasattr(trained, "peft_config"):
-                trained.save_pretrained(staging)  # adapter only: load it with peft on top of the input model
+            if adapter and section["save_adapter_only"]:
+                trained.save_pretrained(staging)  # adapter_config.json names the input model as the base
                 tokenizer.save_pretrained(staging)
-            else:
+            elif adapter:
                 save_hf_model(trained, tokenizer, staging, merge_adapter=True)
+            else:
+                trained.save_pretrained(staging, state_dict=state_dict)
+                tokenizer.save_pretrained(staging)
         history = metrics_log.read()
+        losses = [m["loss"] for m in history if "loss" in m]
+        evals = [m["eval_loss"] for m in history if "eval_loss" in m]
         write_manifest(start.stage_dir, status="finished", steps=trainer.state.global_step,
-                       wall_time_s=round(wall_time, 1),
-                       metrics={"train_loss": next((m["loss"] for m in reversed(history) if "loss" in m), None),
-                                "eval_loss": evaluation_metrics.get("eval_loss")})
+                       wall_time_s=round(wall_time, 1), train_dialogues=len(train), eval_dialogues=len(evaluation),
+                       **sizes,
+                       metrics={"train_loss": losses[-1] if losses else None, "eval_loss": evals[-1] if evals else None})
     trainer.accelerator.wait_for_everyone()
-    print(f"[sft] done: {final_dir}")
+    if state.is_main_process:
+        print(f"[sft] done: {final_dir}")
     return final_dir
 
 

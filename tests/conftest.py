@@ -24,3 +24,23 @@ def smoke_run(smoke_pretrained, tmp_path):
     """A private copy of the pretrained smoke run directory: tmp_path/smoke."""
     shutil.copytree(smoke_pretrained / "smoke", tmp_path / "smoke")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm(tmp_path_factory):
+    """A 2-layer, 64-wide Llama and our BPE tokenizer with its chat template, saved as a stage's final/ is."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from data.tokenizer import train_bpe_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_causal_lm")
+    tokenizer = train_bpe_tokenizer(["Mia had a red kite. Sure! Hope this helps. Tom went to the park."] * 20, 300)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,71 +1,100 @@
 import json
+import shutil
 
 import pytest
 import torch
 
-from pipeline.checkpoints import read_manifest
+from data.formats import PreferencePair, ranked_pairs_from_lists
+from pipeline.checkpoints import COMPLETE_MARKER, read_manifest
 from pipeline.config import load_config
-from reward_model import RewardNormalization, load_reward_model
-from stages.reward import GroupedPreferenceCollator, grouped_examples, run_reward
-from data.formats import ranked_pairs_from_lists
-from tests.helpers import SMOKE
+from reward_model import RewardNormalization, load_reward_model, pairwise_loss
+from stages.reward import PromptGroupCollator, prompt_groups, run_reward
+from tests.helpers import SMOKE, assert_identical_weights, run_and_kill_when, run_stage
 
 
 def use_pretrain_as_sft(run_dir):
-    import shutil
     shutil.copytree(run_dir / "smoke" / "pretrain" / "final", run_dir / "smoke" / "sft" / "final")
 
 
-def test_pairs_of_one_prompt_stay_in_one_batch_element(smoke_run):
+def test_a_prompt_is_one_batch_element_each_response_scored_once(tiny_causal_lm):
     from data.tokenizer import load_tokenizer
-    tokenizer = load_tokenizer(smoke_run / "smoke" / "pretrain" / "final")
+    tokenizer = load_tokenizer(tiny_causal_lm)
     prompt = [{"role": "user", "content": "Say something."}]
-    pairs = ranked_pairs_from_lists(prompt, ["best", "good", "bad"], group=0) + ranked_pairs_from_lists(
-        prompt, ["yes", "no"], group=1)
-    examples = grouped_examples(pairs, tokenizer, max_length=64, margin=0.5, where="t", on_bad_rows="error")
-    assert [len(e["chosen_ids"]) for e in examples] == [3, 1]
-    assert examples[0]["margin"] == [0.5, 1.0, 0.5]  # margin × rank gap
-    batch = GroupedPreferenceCollator(tokenizer.pad_token_id)(examples)
-    assert batch["input_ids"].shape[0] == 8  # 4 chosen, then 4 rejected
-    assert tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()]).endswith("best<|end|>")
-    assert tokenizer.decode(batch["input_ids"][4][batch["attention_mask"][4].bool()]).endswith("good<|end|>")
-    assert batch["margin"].tolist() == [0.5, 1.0, 0.5, 0.0]
+    pairs = ranked_pairs_from_lists(prompt, ["best", "good", "bad"], group=0) + [PreferencePair(prompt, "yes", "no", 1)]
+    examples = prompt_groups(pairs, tokenizer, margin=0.5)
+    assert [len(e["response_ids"]) for e in examples] == [3, 2]  # K responses, not 2 per pair
+    assert (examples[0]["better"], examples[0]["worse"]) == ([0, 0, 1], [1, 2, 2])
+    assert examples[0]["margin"] == [0.5, 1.0, 0.5] and examples[1]["margin"] == [0.5]  # margin × rank gap
+    batch = PromptGroupCollator(tokenizer.pad_token_id)(examples)
+    assert batch["input_ids"].shape[0] == 5
+    assert batch["better"].tolist() == [0, 0, 1, 3] and batch["worse"].tolist() == [1, 2, 2, 4]
+    text = tokenizer.decode(batch["input_ids"][4][batch["attention_mask"][4].bool()])
+    assert text.endswith("no<|end|>") and (batch["input_ids"][4] == tokenizer.pad_token_id).any()
+    # each prompt weighs the same: the loss is the mean over prompts of the mean over their pairs
+    scores = torch.randn(5)
+    chosen, rejected = scores[batch["better"]], scores[batch["worse"]]
+    per_pair = -torch.nn.functional.logsigmoid(chosen - rejected - batch["margin"])
+    expected = (per_pair[:3].mean() + per_pair[3]) / 2
+    assert pairwise_loss(chosen, rejected, batch["margin"], weights=batch["pair_weight"]).item() == pytest.approx(expected.item())
 
 
-def test_reward_smoke_run_reports_accuracy_and_stores_normalization(smoke_run):
+def test_smoke_reward_reports_accuracies_and_stores_normalization(smoke_run):
     use_pretrain_as_sft(smoke_run)
-    config = load_config(SMOKE, [f"run.output_dir={smoke_run}", "reward.max_steps=6", "reward.save_steps=3",
-                                 "reward.eval_steps=3"])
-    final = run_reward(config)
-    model, tokenizer = load_reward_model(final)
+    final = run_reward(load_config(SMOKE, [f"run.output_dir={smoke_run}", "reward.max_steps=4", "reward.save_steps=2",
+                                           "reward.eval_steps=4", "reward.logging_steps=2"]))
+    model, _ = load_reward_model(final)
     assert model.config.num_labels == 1
     normalization = RewardNormalization.load(final)
     assert normalization.std > 0 and normalization != RewardNormalization()
-    metrics = read_manifest(final.parent)["metrics"]
-    assert 0 <= metrics["eval_accuracy"] <= 1 and 0 <= metrics["eval_gold_accuracy"] <= 1
-    assert metrics["annotator_gold_agreement"] > 0.6
+    manifest = read_manifest(final.parent)
+    metrics = manifest["metrics"]
+    assert manifest["status"] == "finished" and manifest["steps"] == 4 and manifest["train_pairs"] == 6 * manifest["train_prompts"]
+    assert metrics["eval_pairs"] == 6 * 40 and 0 <= metrics["eval_accuracy"] <= 1 and 0 <= metrics["eval_gold_accuracy"] <= 1
+    assert metrics["annotator_gold_agreement"] > 0.7  # the simulated annotator mostly agrees with the judge
+    assert all((p / COMPLETE_MARKER).is_file() for p in final.parent.glob("checkpoint-*"))
+    logged = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "accuracy", "margin"} <= set(logged[0]) and any("eval_accuracy" in m for m in logged)
 
 
-def test_reward_on_hh_rlhf_rows_trains_one_step(smoke_run, tmp_path):
+def test_hh_rlhf_transcripts_train_one_step(smoke_run, tmp_path):
     use_pretrain_as_sft(smoke_run)
     rows = [{"chosen": f"\n\nHuman: Can you help me {i}?\n\nAssistant: Sure, happy to.",
              "rejected": f"\n\nHuman: Can you help me {i}?\n\nAssistant: No."} for i in range(12)]
     data = tmp_path / "hh.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = load_config(SMOKE, [f"run.output_dir={smoke_run}", f"data.reward.path={data}", "reward.max_steps=1",
-                                 "reward.save_steps=1", "data.reward.eval_fraction=0.25"])
-    final = run_reward(config)
+    final = run_reward(load_config(SMOKE, [f"run.output_dir={smoke_run}", f"data.reward.path={data}",
+                                           "reward.max_steps=1", "reward.save_steps=1", "data.reward.eval_fraction=0.25"]))
     manifest = read_manifest(final.parent)
     assert manifest["steps"] == 1 and "eval_gold_accuracy" not in manifest["metrics"]
-    assert manifest["metrics"]["eval_pairs"] == 3
+    assert manifest["metrics"]["eval_pairs"] == 3 and manifest["train_pairs"] == 9
+    assert RewardNormalization.load(final) != RewardNormalization()  # sampled on the 3 held-out prompts
 
 
-def test_bad_preference_row_stops_before_training(smoke_run, tmp_path):
+def test_a_bad_row_stops_before_training(smoke_run, tmp_path):
     use_pretrain_as_sft(smoke_run)
     data = tmp_path / "pairs.jsonl"
-    data.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
-                    + json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}) + "\n")
-    config = load_config(SMOKE, [f"run.output_dir={smoke_run}", f"data.reward.path={data}", "reward.max_steps=1"])
-    with pytest.raises(ValueError, match="row 2: 'chosen' and 'rejected' are the same"):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 5 + [{"prompt": "p", "chosen": "same", "rejected": "same"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config(SMOKE, [f"run.output_dir={smoke_run}", f"data.reward.path={data}", "reward.max_steps=1",
+                                 "data.reward.eval_fraction=0.2"])
+    with pytest.raises(ValueError, match=r"pairs\.jsonl\) row \d: 'chosen' and 'rejected' are the same"):
         run_reward(config)
     assert not (smoke_run / "smoke" / "reward").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_bit_identical_weights(smoke_pretrained, tmp_path):
+    for name in ("a", "b"):
+        shutil.copytree(smoke_pretrained / "smoke", tmp_path / name / "smoke")
+        use_pretrain_as_sft(tmp_path / name)
+    overrides = ["reward.max_steps=9", "reward.save_steps=3", "reward.eval_steps=6", "reward.logging_steps=3"]
+    result = run_stage("reward", f"run.output_dir={tmp_path / 'a'}", *overrides)
+    assert result.returncode == 0, result.stderr[-2000:]
+    stage_dir = tmp_path / "b" / "smoke" / "reward"
+    run_and_kill_when("reward", (stage_dir / "checkpoint-3" / COMPLETE_MARKER).is_file,
+                      f"run.output_dir={tmp_path / 'b'}", *overrides)
+    result = run_stage("reward", f"run.output_dir={tmp_path / 'b'}", *overrides)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming from" in result.stdout
+    assert_identical_weights(tmp_path / "a" / "smoke" / "reward" / "final", stage_dir / "final")
+    assert RewardNormalization.load(stage_dir / "final") == RewardNormalization.load(tmp_path / "a" / "smoke" / "reward" / "final")
