@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from data.loading import DataError
+from data.loading import DataError, load_source, read_rows
+from pipeline.config import DatasetSource, looks_like_local_path
 
 Messages = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
@@ -50,6 +51,19 @@ def convert_rows(rows: list[dict[str, Any]], where: str, on_bad_rows: str,
     if not converted:
         raise DataError(f"{where}: no usable rows" + (f" ({len(rows)} skipped)" if rows else " (empty)"))
     return converted
+
+
+def converted_splits(source: DatasetSource, key: str, seed: int, on_bad_rows: str,
+                     convert: Callable[[list[dict[str, Any]], str, str], list[Any]]) -> tuple[list[Any], list[Any]]:
+    """A configured dataset's (train, eval) rows through `convert` (e.g. `dialogues_from_rows`), a bad row named
+    by its row in the file: the held-out share is drawn before conversion, so a local file is first checked
+    whole, in file order, when bad rows stop the stage."""
+    if on_bad_rows == "error" and looks_like_local_path(source.path):
+        convert(read_rows(source.path, key), f"{key} ({source.path})", "error")
+    train, evaluation = load_source(source, key, seed)
+    return (convert(train, f"{key} ({source.path})", on_bad_rows),
+            convert(evaluation, f"{key} ({source.eval_split or source.path + ', held-out share'})", on_bad_rows)
+            if evaluation else [])
 
 
 # ---------------------------------------------------------------- fields
@@ -102,10 +116,16 @@ def prompt_response_ids(tokenizer, prompt: str | Messages, response: str) -> lis
     Built the way PPO builds its sequences (prompt ids + sampled ids, stopped by EOS) rather than by templating
     the whole dialogue: some templates add text after the assistant's end-of-turn token, and the reward model
     must be trained on the layout it will score."""
+    return ids_of_responses(tokenizer, prompt, [response])[0]
+
+
+def ids_of_responses(tokenizer, prompt: str | Messages, responses: list[str]) -> list[list[int]]:
+    """`prompt_response_ids` for several responses to one prompt, which is templated once (the slow part)."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     prompt_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                     return_dict=True)["input_ids"])
-    return prompt_ids + tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    answers = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    return [prompt_ids + list(answer) + [tokenizer.eos_token_id] for answer in answers]
 
 
 def check_length(length: int, max_length: int | None, key: str) -> None:
@@ -232,8 +252,8 @@ def preference_pairs_from_rows(rows: list[dict[str, Any]], where: str, on_bad_ro
         index, row = numbered
         pairs = pairs_of_row(row, index)
         if tokenizer is not None:
-            responses = {response for pair in pairs for response in (pair.chosen, pair.rejected)}
-            longest = max(len(prompt_response_ids(tokenizer, pairs[0].prompt, r)) for r in responses)
+            responses = list({response: None for pair in pairs for response in (pair.chosen, pair.rejected)})
+            longest = max(map(len, ids_of_responses(tokenizer, pairs[0].prompt, responses)))
             check_length(longest, max_length, "prompt and longest response")
         return pairs
 

@@ -36,6 +36,7 @@ of your own, normalisation samples the held-out prompts unless `data.ppo` names 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,8 @@ from datasets import Dataset
 from trl import RewardTrainer
 
 from data.builtin_task import gold_score, write_builtin_task
-from data.formats import Messages, PreferencePair, preference_pairs_from_rows, prompt_response_ids, prompts_from_rows
+from data.formats import (
+    Messages, PreferencePair, converted_splits, ids_of_responses, preference_pairs_from_rows, prompts_from_rows)
 from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer
 from pipeline.checkpoints import atomic_directory, write_manifest
@@ -63,21 +65,15 @@ STAGE = "reward"
 # ---------------------------------------------------------------- data
 def preference_splits(config: PipelineConfig, tokenizer) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(train, eval) pairs, every row checked (length included) before training starts."""
-    state, max_length, on_bad_rows = PartialState(), config.reward.get("max_length"), config.data.on_bad_rows
-    if config.data.reward is None:
-        data_dir = config.run_dir / "data"
-        if state.is_main_process:
-            write_builtin_task(config.data.builtin, data_dir)
-        state.wait_for_everyone()
-        sources = {"train": data_dir / "ranked_train.jsonl", "eval": data_dir / "ranked_eval.jsonl"}
-        rows = {split: read_rows(path) for split, path in sources.items()}
-        where = {split: str(path) for split, path in sources.items()}
-    else:
-        source = config.data.reward
-        rows = dict(zip(("train", "eval"), load_source(source, "data.reward", config.run.seed)))
-        where = {"train": f"data.reward ({source.path})", "eval": f"data.reward ({source.eval_split or 'held-out share'})"}
-    return tuple(preference_pairs_from_rows(rows[split], where[split], on_bad_rows, tokenizer, max_length)
-                 if rows[split] else [] for split in ("train", "eval"))
+    convert = partial(preference_pairs_from_rows, tokenizer=tokenizer, max_length=config.reward.get("max_length"))
+    if config.data.reward is not None:
+        return converted_splits(config.data.reward, "data.reward", config.run.seed, config.data.on_bad_rows, convert)
+    state, data_dir = PartialState(), config.run_dir / "data"
+    if state.is_main_process:
+        write_builtin_task(config.data.builtin, data_dir)
+    state.wait_for_everyone()
+    return tuple(convert(read_rows(path), str(path), config.data.on_bad_rows)
+                 for path in (data_dir / "ranked_train.jsonl", data_dir / "ranked_eval.jsonl"))
 
 
 def prompt_groups(pairs: list[PreferencePair], tokenizer, margin: float) -> list[dict[str, Any]]:
@@ -90,7 +86,7 @@ def prompt_groups(pairs: list[PreferencePair], tokenizer, margin: float) -> list
         for key, response in (("better", pair.chosen), ("worse", pair.rejected)):
             group[key].append(group["responses"].setdefault(response, len(group["responses"])))
         group["margin"].append(margin * pair.rank_gap)
-    return [{"response_ids": [prompt_response_ids(tokenizer, group["prompt"], r) for r in group["responses"]],
+    return [{"response_ids": ids_of_responses(tokenizer, group["prompt"], list(group["responses"])),
              "better": group["better"], "worse": group["worse"], "margin": group["margin"]}
             for group in groups.values()]
 

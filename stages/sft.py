@@ -21,6 +21,7 @@ alone (it then names the input model by absolute path as its base).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,8 +31,8 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from data.builtin_task import write_builtin_task
-from data.formats import dialogues_from_rows
-from data.loading import load_source, read_rows
+from data.formats import converted_splits, dialogues_from_rows
+from data.loading import read_rows
 from data.tokenizer import load_tokenizer
 from pipeline.checkpoints import MetricsLog, atomic_directory, write_manifest
 from pipeline.config import PipelineConfig
@@ -46,21 +47,15 @@ SAMPLE_TOKENS = 64  # new tokens per sample answer at evaluation
 # ---------------------------------------------------------------- data
 def dialogue_splits(config: PipelineConfig, tokenizer) -> tuple[list[dict], list[dict]]:
     """(train, eval) dialogues as {"messages": [...]}, every row checked (length included) before training."""
-    state, max_length, on_bad_rows = PartialState(), config.sft.get("max_length"), config.data.on_bad_rows
-    if config.data.sft is None:
-        data_dir = config.run_dir / "data"
-        if state.is_main_process:
-            write_builtin_task(config.data.builtin, data_dir)
-        state.wait_for_everyone()
-        sources = {"train": data_dir / "sft_train.jsonl", "eval": data_dir / "sft_eval.jsonl"}
-        rows = {split: read_rows(path) for split, path in sources.items()}
-        where = {split: str(path) for split, path in sources.items()}
-    else:
-        source = config.data.sft
-        rows = dict(zip(("train", "eval"), load_source(source, "data.sft", config.run.seed)))
-        where = {"train": f"data.sft ({source.path})", "eval": f"data.sft ({source.eval_split or 'held-out share'})"}
-    return tuple(dialogues_from_rows(rows[split], where[split], on_bad_rows, tokenizer, max_length) if rows[split] else []
-                 for split in ("train", "eval"))
+    convert = partial(dialogues_from_rows, tokenizer=tokenizer, max_length=config.sft.get("max_length"))
+    if config.data.sft is not None:
+        return converted_splits(config.data.sft, "data.sft", config.run.seed, config.data.on_bad_rows, convert)
+    state, data_dir = PartialState(), config.run_dir / "data"
+    if state.is_main_process:
+        write_builtin_task(config.data.builtin, data_dir)
+    state.wait_for_everyone()
+    return tuple(convert(read_rows(path), str(path), config.data.on_bad_rows)
+                 for path in (data_dir / "sft_train.jsonl", data_dir / "sft_eval.jsonl"))
 
 
 # ---------------------------------------------------------------- samples at evaluation

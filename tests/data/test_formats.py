@@ -1,7 +1,7 @@
 import pytest
 
 from data.formats import (
-    dialogues_from_rows, preference_pairs_from_rows, prompt_response_ids, prompts_from_rows, ranked_pairs_from_lists,
+    converted_splits, dialogues_from_rows, preference_pairs_from_rows, prompt_response_ids, prompts_from_rows, ranked_pairs_from_lists,
     split_hh_transcript)
 from data.loading import DataError
 
@@ -50,6 +50,21 @@ def test_skip_counts_bad_rows_in_one_line(capsys):
     assert capsys.readouterr().err.count("\n") == 1
     with pytest.raises(DataError, match="no usable rows"):
         dialogues_from_rows([{"text": "x"}], "d.jsonl", "skip")
+
+
+def test_split_datasets_name_a_bad_row_by_its_row_in_the_file(tmp_path, capsys):
+    import json
+
+    from pipeline.config import DatasetSource
+    path = tmp_path / "sft.jsonl"
+    rows = [{"prompt": f"q{i}", "completion": "a"} for i in range(19)] + [{"prompt": "q", "completion": ""}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    source = DatasetSource(path=str(path), eval_fraction=0.25)
+    with pytest.raises(DataError, match=r"sft\.jsonl\) row 20: 'completion' is empty"):
+        converted_splits(source, "data.sft", 0, "error", dialogues_from_rows)
+    train, evaluation = converted_splits(source, "data.sft", 0, "skip", dialogues_from_rows)
+    assert len(train) + len(evaluation) == 19 and len(evaluation) in (4, 5)
+    assert "skipped 1 of" in capsys.readouterr().err
 
 
 def test_too_long_after_templating_is_a_bad_row(tokenizer, capsys):

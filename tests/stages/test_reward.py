@@ -77,7 +77,7 @@ def test_a_bad_row_stops_before_training(smoke_run, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = load_config(SMOKE, [f"run.output_dir={smoke_run}", f"data.reward.path={data}", "reward.max_steps=1",
                                  "data.reward.eval_fraction=0.2"])
-    with pytest.raises(ValueError, match=r"pairs\.jsonl\) row \d: 'chosen' and 'rejected' are the same"):
+    with pytest.raises(ValueError, match=r"pairs\.jsonl\) row 6: 'chosen' and 'rejected' are the same"):
         run_reward(config)
     assert not (smoke_run / "smoke" / "reward").exists()
 
