@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data.formats import dialogues_from_rows, preference_pairs_from_rows, prompts_from_rows
-from data.loading import load_source, texts_from_rows
+from data.formats import converted_splits, dialogues_from_rows, preference_pairs_from_rows, prompts_from_rows
+from data.loading import texts_from_rows
 from pipeline.config import ConfigError, PipelineConfig, looks_like_local_path
 
 DATASET_CHECKS = {
@@ -25,10 +25,7 @@ def check_datasets(config: PipelineConfig) -> None:
         source = getattr(config.data, stage)
         if source is None:
             continue
-        train, evaluation = load_source(source, f"data.{stage}", config.run.seed)
-        DATASET_CHECKS[stage](train, f"data.{stage} ({source.path})", config.data.on_bad_rows)
-        if evaluation and source.eval_split:
-            DATASET_CHECKS[stage](evaluation, f"data.{stage} ({source.eval_split})", config.data.on_bad_rows)
+        converted_splits(source, f"data.{stage}", config.run.seed, config.data.on_bad_rows, DATASET_CHECKS[stage])
 
 
 def check_checkpoint(path: Path, key: str, kind: str = "ForCausalLM", needs_chat_template: bool = True) -> None:

@@ -1,6 +1,7 @@
 """Every malformed input of cases.yaml is refused by `rlhf run` before any training: exit code 2, one line
 naming the field or row, and the run directory exactly as it was."""
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -33,10 +34,12 @@ def checkpoints(tmp_path_factory):
     config.num_labels = 1
     LlamaForSequenceClassification(config).save_pretrained(paths["reward_model"])
     tokenizer.save_pretrained(paths["reward_model"])
-    template = tokenizer.chat_template
-    tokenizer.chat_template = None
-    tokenizer.save_pretrained(paths["no_template"])
-    tokenizer.chat_template = template
+    for file in paths["no_template"].glob("chat_template*"):
+        file.unlink()
+    configuration = paths["no_template"] / "tokenizer_config.json"
+    settings = json.loads(configuration.read_text())
+    settings.pop("chat_template", None)
+    configuration.write_text(json.dumps(settings))
     weights = paths["truncated"] / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     return {name: str(path) for name, path in paths.items()}
