@@ -118,10 +118,10 @@ TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"max_steps": 200, "per_device_train_batch_size": 16, "learning_rate": 1e-3, "lr_scheduler_type": "cosine",
             "warmup_steps": 20, "weight_decay": 0.0, "logging_steps": 10, "eval_steps": 100, "save_steps": 100,
             "max_length": 256, "assistant_only_loss": True, "packing": False, "report_to": "none"},
-    # reward batches count prompts: with K = 4 each brings 6 pairs, i.e. 12 sequences
-    "reward": {"max_steps": 150, "per_device_train_batch_size": 4, "learning_rate": 5e-4,
-               "lr_scheduler_type": "cosine", "warmup_steps": 15, "logging_steps": 10, "eval_steps": 50,
-               "save_steps": 50, "max_length": 256, "report_to": "none"},
+    # reward batches count prompts, each scoring its K responses once (K = 4: 4 sequences, 6 pairs)
+    "reward": {"max_steps": 120, "per_device_train_batch_size": 16, "learning_rate": 1e-3,
+               "lr_scheduler_type": "cosine", "warmup_steps": 12, "logging_steps": 10, "eval_steps": 60,
+               "save_steps": 60, "max_length": 256, "report_to": "none"},
 }
 # Fields the pipeline sets itself: the run directory decides where things go.
 TRAINER_OWNED = ("output_dir", "resume_from_checkpoint", "do_train", "do_eval", "save_total_limit", "push_to_hub",
