@@ -142,14 +142,16 @@ def save_training_checkpoint(accelerator, stage_dir: Path, step: int, state: dic
                                f"previous checkpoints are intact (free space or fix permissions, then resume)") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with atomic_directory(stage_dir / f"checkpoint-{step}") as staging:
-            for path in temporary.iterdir():
-                path.rename(staging / path.name)
-            if write_extra is not None:
-                write_extra(staging)
-            write_json_atomically(staging / "trainer_state.json", {"global_step": step, **state})
-            mark_checkpoint_complete(staging, step)
-        temporary.rmdir()
+        try:
+            with atomic_directory(stage_dir / f"checkpoint-{step}") as staging:
+                for path in temporary.iterdir():
+                    path.rename(staging / path.name)
+                if write_extra is not None:
+                    write_extra(staging)
+                write_json_atomically(staging / "trainer_state.json", {"global_step": step, **state})
+                mark_checkpoint_complete(staging, step)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
         prune_checkpoints(stage_dir, keep_last)
     accelerator.wait_for_everyone()
 

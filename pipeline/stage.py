@@ -48,7 +48,10 @@ def default_config_path() -> Path:
 
 
 def exit_with_error(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    """One line on stderr, on a line of its own even while a progress bar is drawn; then exit."""
+    from tqdm import tqdm
+
+    tqdm.write(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 

@@ -13,6 +13,13 @@ from pipeline.preflight import check_output_directory
 from tests.helpers import SMOKE, assert_identical_weights, environment, run_stage, stage_command
 
 
+def last_error(result) -> str:
+    """The stage's one-line error (progress bars share stderr, with carriage returns)."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert lines, result.stderr[-2000:]
+    return lines[-1]
+
+
 def run_with_nan(stage, step, *overrides):
     import subprocess
     from tests.helpers import REPO
@@ -23,7 +30,7 @@ def run_with_nan(stage, step, *overrides):
 def test_nan_loss_in_pretraining_stops_keeps_the_last_good_checkpoint_and_resumes(tmp_path):
     broken = run_with_nan("pretrain", 13, f"run.output_dir={tmp_path / 'b'}")
     assert broken.returncode == 1
-    assert broken.stderr.strip().splitlines()[-1].startswith("error: pretrain: loss became nan at step 15;")
+    assert "error: pretrain: loss became nan at step 15;" in last_error(broken)
     stage_dir = tmp_path / "b" / "smoke" / "pretrain"
     assert latest_checkpoint(stage_dir).name == "checkpoint-10" and not (stage_dir / "final").exists()
     resumed = run_stage("pretrain", f"run.output_dir={tmp_path / 'b'}")
@@ -37,7 +44,7 @@ def test_nan_in_sft_leaves_no_poisoned_checkpoint(smoke_run):
                  "sft.eval_steps=100"]
     broken = run_with_nan("sft", 12, *overrides)
     assert broken.returncode == 1, broken.stderr[-2000:]
-    assert "sft: " in broken.stderr.strip().splitlines()[-1] and "nan" in broken.stderr.strip().splitlines()[-1].lower()
+    assert last_error(broken).startswith("error: sft: ") and "nan" in last_error(broken).lower()
     stage_dir = smoke_run / "smoke" / "sft"
     assert latest_checkpoint(stage_dir).name == "checkpoint-10"
     resumed = run_stage("sft", *overrides)
@@ -52,7 +59,7 @@ def test_nan_in_ppo_stops_before_saving(smoke_run):
     overrides = [f"run.output_dir={smoke_run}", "run.stages=[ppo]", "ppo.per_device_train_batch_size=4"]
     broken = run_with_nan("ppo", 4, *overrides)
     assert broken.returncode == 1, broken.stderr[-2000:]
-    assert broken.stderr.strip().splitlines()[-1].startswith("error: ppo: ")
+    assert last_error(broken).startswith("error: ppo: ")
     assert latest_checkpoint(smoke_run / "smoke" / "ppo").name == "checkpoint-3"
     assert run_stage("ppo", *overrides).returncode == 0
 

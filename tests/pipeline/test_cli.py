@@ -97,8 +97,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 def test_sft_reward_and_ppo_with_two_processes(smoke_run):
     """DDP over gloo: `rlhf run` with the two-process CPU Accelerate config."""
     result = rlhf("run", str(SMOKE), f"run.output_dir={smoke_run}", "run.stages=[sft,reward,ppo]",
-                  "run.accelerate_config=configs/accelerate/cpu_ddp.yaml", "--no-report", "sft.max_steps=10",
-                  "reward.max_steps=4", "ppo.max_steps=2", "ppo.save_steps=2")
+                  "run.accelerate_config=configs/accelerate/cpu_ddp.yaml", "sft.max_steps=10",
+                  "reward.max_steps=4", "ppo.max_steps=2", "ppo.save_steps=2", "--no-report")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[ppo] run" in result.stdout and "on 2 process(es)" in result.stdout
     for stage in ("sft", "reward", "ppo"):
