@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.models import attention_for_precision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,6 +72,9 @@ def ppo_steps(arguments) -> dict:
 
     tokenizer, policy, reference, critic, reward_model, settings, texts = build(arguments, arguments.lora)
     accelerator = Accelerator(mixed_precision="bf16" if arguments.dtype == "bf16" else "no")
+    for model in (policy, reference, critic, reward_model):  # as the stage does
+        if model is not None:
+            attention_for_precision(model, arguments.dtype == "bf16", accelerator.device)
     reward_model = ppo.frozen_on_device(reward_model, accelerator)
     reference = ppo.frozen_on_device(reference, accelerator) if reference is not None else None
     policy_optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
@@ -109,7 +113,7 @@ def sft_steps(arguments) -> dict:
     """SFT-style training of the same policy (micro-batch of 16 prompt+response sequences, AdamW)."""
     tokenizer, policy, _, _, _, settings, texts = build(arguments, arguments.lora)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy = policy.to(device)
+    policy = attention_for_precision(policy, arguments.dtype == "bf16", device).to(device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
     width = max(len(t) for t in texts) + arguments.response_length
     batch = torch.randint(0, len(tokenizer), (settings.per_device_train_batch_size, width), device=device)

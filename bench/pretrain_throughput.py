@@ -24,7 +24,7 @@ from data.loading import read_rows  # noqa: E402
 from data.tokenizer import load_tokenizer, train_bpe_tokenizer  # noqa: E402
 from pipeline.checkpoints import read_manifest  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.models import build_llama_from_config  # noqa: E402
+from pipeline.models import attention_for_precision, build_llama_from_config  # noqa: E402
 from stages.pretrain import packed_blocks, run_pretraining  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def minimal_loop(config, steps: int, bf16: bool) -> tuple[float, torch.nn.Module
     texts = [row["text"] for row in read_rows(config.run_dir / "data" / "pretrain_train.jsonl")]
     settings = config.pretrain
     blocks = packed_blocks(texts, tokenizer, settings.seq_length)
-    model = build_llama_from_config(config.model, tokenizer, seed=0)
+    model = attention_for_precision(build_llama_from_config(config.model, tokenizer, seed=0), bf16, "cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     generator = torch.Generator().manual_seed(0)
     tokens, elapsed = 0, 0.0

@@ -69,3 +69,17 @@ def save_hf_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, di
         model = model.merge_and_unload()
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+
+
+def attention_for_precision(model: torch.nn.Module, bf16: bool, device: torch.device | str) -> torch.nn.Module:
+    """Under bf16 autocast on CPU, attention as plain matmuls ("eager"), not PyTorch's fused SDPA kernel.
+
+    The CPU flash-attention kernel is about 6x slower in bf16 than in fp32 (its backward above all), while
+    bf16 matmuls run on AMX: with SDPA, bf16 training of a 4x128 Llama is no faster than fp32; with eager
+    attention it is 1.3x faster (bench/ppo_step.py, bench/pretrain_throughput.py). GPUs keep their kernels."""
+    if not bf16 or torch.device(device).type != "cpu":
+        return model
+    pretrained = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if pretrained is not None and pretrained.config._attn_implementation == "sdpa":
+        pretrained.set_attn_implementation("eager")
+    return model

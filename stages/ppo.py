@@ -37,7 +37,7 @@ from pipeline.checkpoints import (
     MetricsLog, atomic_directory, read_trainer_state, save_training_checkpoint, write_manifest)
 from pipeline.config import ConfigError, PipelineConfig, PPOSection
 from pipeline.faults import poison_weights_if_requested
-from pipeline.models import count_parameters, load_causal_lm, save_hf_model
+from pipeline.models import attention_for_precision, count_parameters, load_causal_lm, save_hf_model
 from pipeline.policy_gradient import (
     clipped_policy_loss, clipped_value_loss, entropy_from_logits, gae_advantages, kl_controller_from_config,
     kl_per_token, logprobs_of_tokens, masked_mean, masked_whiten, per_token_rewards, response_mask, truncate_after_eos)
@@ -178,7 +178,8 @@ class Rollout:
 @torch.no_grad()
 def generate_rollout(policy, tokenizer, queries, query_mask, settings: PPOSection, accelerator: Accelerator) -> Rollout:
     """Sample responses with the KV cache; cut each at its first EOS."""
-    with unwrap_model_for_generation(policy, accelerator) as generator:
+    # One autocast context around all decoding steps: the policy's bf16 weights are cast once, not once a token.
+    with unwrap_model_for_generation(policy, accelerator) as generator, accelerator.autocast():
         try:
             generated = sample_responses(generator, queries, query_mask, settings, tokenizer)
         except RuntimeError as error:
@@ -369,6 +370,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
     for model in (policy, reference, critic, reward_model):
         if model is not None:
             disable_dropout_in_model(model)
+            attention_for_precision(model, accelerator.mixed_precision == "bf16", accelerator.device)
     policy_optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=settings.learning_rate,
                                          eps=1e-5)
     critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=settings.value_learning_rate, eps=1e-5)
@@ -466,7 +468,7 @@ def policy_context_length(policy_path: str, config: PipelineConfig) -> int:
 
 
 def frozen_on_device(model, accelerator: Accelerator):
-    """A model that only scores: no gradients, eval mode, on the device; bf16 weights where training uses bf16."""
+    """A model that only scores: no gradients, eval mode, on the device."""
     model.requires_grad_(False)
     model.eval()
     return model.to(accelerator.device)

@@ -26,7 +26,8 @@ from pipeline.checkpoints import (
     MetricsLog, atomic_directory, read_trainer_state, save_training_checkpoint, write_manifest)
 from pipeline.config import ConfigError, PipelineConfig, PretrainSection
 from pipeline.faults import poison_weights_if_requested
-from pipeline.models import build_llama_from_config, count_parameters, load_causal_lm, save_hf_model
+from pipeline.models import (
+    attention_for_precision, build_llama_from_config, count_parameters, load_causal_lm, save_hf_model)
 from pipeline.stage import bf16_enabled, plan_stage_start, run_stage_main, seed_everything, stage_fingerprint, trackers
 
 STAGE = "pretrain"
@@ -138,6 +139,7 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
         model = load_causal_lm(config.model.name_or_path, tokenizer, config.model.trust_remote_code)
     else:
         model = build_llama_from_config(config.model, tokenizer, config.run.seed)
+    attention_for_precision(model, accelerator.mixed_precision == "bf16", accelerator.device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(

@@ -55,7 +55,7 @@ from data.tokenizer import load_tokenizer
 from pipeline.checkpoints import atomic_directory, write_manifest
 from pipeline.config import PipelineConfig
 from pipeline.hf_trainer import PipelineCallback, metrics_log_for, train_with_resume, trainer_arguments
-from pipeline.models import load_causal_lm
+from pipeline.models import attention_for_precision, load_causal_lm
 from pipeline.stage import plan_stage_start, run_stage_main, seed_everything, stage_input_model
 from reward_model import (
     RewardNormalization, load_reward_model, pairwise_accuracy, pairwise_loss, right_padded, score_responses,
@@ -239,6 +239,7 @@ def run_reward(config: PipelineConfig, restart: bool = False) -> Path:
 
         peft_config = LoraConfig(**section["peft"], task_type="SEQ_CLS")  # SEQ_CLS also trains the new head
     arguments = trainer_arguments(config, STAGE, start.stage_dir, has_eval=bool(evaluation), remove_unused_columns=False)
+    attention_for_precision(model, arguments.bf16, arguments.device)
     metrics_log = metrics_log_for(start, state.is_main_process)
     trainer = PromptGroupedRewardTrainer(
         model=model, args=arguments, train_dataset=Dataset.from_list(train),

@@ -37,7 +37,7 @@ from data.tokenizer import load_tokenizer
 from pipeline.checkpoints import MetricsLog, atomic_directory, write_manifest
 from pipeline.config import PipelineConfig
 from pipeline.hf_trainer import PipelineCallback, metrics_log_for, train_with_resume, trainer_arguments
-from pipeline.models import count_parameters, load_causal_lm, save_hf_model
+from pipeline.models import attention_for_precision, count_parameters, load_causal_lm, save_hf_model
 from pipeline.stage import plan_stage_start, run_stage_main, seed_everything, stage_input_model
 
 STAGE = "sft"
@@ -111,6 +111,7 @@ def run_sft(config: PipelineConfig, restart: bool = False) -> Path:
 
         peft_config = LoraConfig(**section["peft"], task_type="CAUSAL_LM")
     arguments = trainer_arguments(config, STAGE, start.stage_dir, has_eval=bool(evaluation))
+    attention_for_precision(model, arguments.bf16, arguments.device)
     metrics_log = metrics_log_for(start, state.is_main_process)
     sample_prompts = [dialogue["messages"][:-1] for dialogue in evaluation[: section["sample_prompts"]]]
     trainer = SFTTrainer(

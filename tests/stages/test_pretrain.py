@@ -101,3 +101,19 @@ def test_bad_override_exits_2_before_writing(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: pretrain.max_stepz: unknown key (did you mean 'max_steps'?)"
     assert not any(tmp_path.iterdir())
+
+
+def test_bf16_autocast_on_cpu_learns_with_matmul_attention(tmp_path, monkeypatch):
+    import stages.pretrain
+
+    attention_used = []
+    real = stages.pretrain.attention_for_precision
+    monkeypatch.setattr(stages.pretrain, "attention_for_precision", lambda model, bf16, device: attention_used.append(
+        real(model, bf16, device).config._attn_implementation))
+    config = load_config(SMOKE, [f"run.output_dir={tmp_path}", "pretrain.bf16=true", "pretrain.max_steps=12",
+                                 "pretrain.save_steps=12"])
+    final = run_pretraining(config)
+    metrics = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.5
+    assert attention_used == ["eager"]
+    assert AutoModelForCausalLM.from_pretrained(final).config._attn_implementation == "sdpa"  # the choice is not saved
