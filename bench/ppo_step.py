@@ -81,7 +81,7 @@ def ppo_steps(arguments) -> dict:
     critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=1e-5)
     policy, critic, policy_optimizer, critic_optimizer = accelerator.prepare(policy, critic, policy_optimizer,
                                                                              critic_optimizer)
-    queries, query_mask = ppo.left_pad(texts, tokenizer.pad_token_id)
+    queries, query_mask = left_pad(texts, tokenizer.pad_token_id)
     queries, query_mask = queries.to(accelerator.device), query_mask.to(accelerator.device)
     phases = {"rollout": [], "scoring": [], "optimisation": []}
     for step in range(arguments.steps + 1):  # the first step warms up and is not counted

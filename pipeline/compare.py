@@ -15,6 +15,7 @@ from data.builtin_task import gold_score
 from data.formats import prompts_from_rows
 from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer
+from pipeline.batches import left_pad
 from pipeline.checkpoints import read_manifest
 from pipeline.config import ConfigError, DatasetSource
 from pipeline.models import load_causal_lm
@@ -70,12 +71,8 @@ def sample_policy(model, tokenizer, prompts: list[str], samples_per_prompt: int,
     results = []
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start: start + batch_size]
-        width = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
+        ids, mask = left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
+        width = ids.shape[1]
         output = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
                                 top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                 eos_token_id=tokenizer.eos_token_id)[:, width:]

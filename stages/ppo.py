@@ -33,6 +33,7 @@ from data.builtin_task import gold_score, write_builtin_task
 from data.formats import prompts_from_rows
 from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer
+from pipeline.batches import epoch_order, left_pad
 from pipeline.checkpoints import (
     MetricsLog, atomic_directory, read_trainer_state, save_training_checkpoint, write_manifest)
 from pipeline.config import ConfigError, PipelineConfig, PPOSection
@@ -74,33 +75,17 @@ def encode_prompts(conversations: list[list[dict]], tokenizer, max_prompt_tokens
     return encoded
 
 
-def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left padding, so that every prompt ends where generation starts."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, width - len(sequence):] = torch.tensor(sequence)
-        mask[row, width - len(sequence):] = 1
-    return ids, mask
-
-
 def rollout_batch_size(settings: PPOSection) -> int:
     return settings.per_device_train_batch_size * settings.gradient_accumulation_steps * settings.num_mini_batches
 
 
 def prompt_indices(step: int, settings: PPOSection, num_prompts: int, seed: int, process_index: int,
                    num_processes: int) -> torch.Tensor:
-    """This process's prompts for a step: a seeded permutation per epoch over prompts, read in order."""
+    """This process's prompts for a step, read in order from the epoch's seeded permutation of all prompts."""
     local = rollout_batch_size(settings)
-    global_batch = local * num_processes
-    steps_per_epoch = num_prompts // global_batch
-    if steps_per_epoch == 0:
-        raise ConfigError(f"ppo.per_device_train_batch_size: a rollout batch of {global_batch} prompts exceeds "
-                          f"the {num_prompts} prompts available")
-    epoch, step_in_epoch = divmod(step, steps_per_epoch)
-    order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed + epoch))
-    start = step_in_epoch * global_batch + process_index * local
+    order, start = epoch_order(step, local * num_processes, num_prompts, seed, "ppo.per_device_train_batch_size",
+                               "prompts")
+    start += process_index * local
     return order[start: start + local]
 
 

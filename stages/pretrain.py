@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from data.builtin_task import write_builtin_task
 from data.loading import load_source, read_rows, texts_from_rows
 from data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from pipeline.batches import epoch_order
 from pipeline.checkpoints import (
     MetricsLog, atomic_directory, read_trainer_state, save_training_checkpoint, write_manifest)
 from pipeline.config import ConfigError, PipelineConfig, PretrainSection
@@ -74,16 +75,11 @@ def packed_blocks(texts: list[str], tokenizer, seq_length: int) -> torch.Tensor:
 
 def batch_indices(step: int, micro_step: int, settings: PretrainSection, num_blocks: int,
                   seed: int, process_index: int, num_processes: int) -> torch.Tensor:
-    """Block indices of one micro-batch of one process: a seeded permutation per epoch, read in order."""
+    """Block indices of one micro-batch of one process, read in order from the epoch's seeded permutation."""
     micro_batch = settings.per_device_train_batch_size
     global_batch = micro_batch * num_processes * settings.gradient_accumulation_steps
-    steps_per_epoch = num_blocks // global_batch
-    if steps_per_epoch == 0:
-        raise ConfigError(f"pretrain.per_device_train_batch_size: a global batch of {global_batch} blocks exceeds "
-                          f"the {num_blocks} blocks of the corpus")
-    epoch, step_in_epoch = divmod(step, steps_per_epoch)
-    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed + epoch))
-    start = step_in_epoch * global_batch + (micro_step * num_processes + process_index) * micro_batch
+    order, start = epoch_order(step, global_batch, num_blocks, seed, "pretrain.per_device_train_batch_size", "blocks")
+    start += (micro_step * num_processes + process_index) * micro_batch
     return order[start: start + micro_batch]
 
 

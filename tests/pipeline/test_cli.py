@@ -78,17 +78,20 @@ def test_run_end_to_end_then_skip_finished_stages(tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    """Three SIGKILLs of the whole process group at random moments, each followed by a restart that resumes."""
     reference = rlhf("run", str(SMOKE), f"run.output_dir={tmp_path / 'a'}", "--no-report")
     assert reference.returncode == 0, reference.stderr[-3000:]
-    moment = random.Random(os.getpid()).uniform(3, 25)
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(SMOKE),
-                                f"run.output_dir={tmp_path / 'b'}", "--no-report"], cwd=REPO, env=environment(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    time.sleep(moment)
-    os.killpg(process.pid, 9)  # the whole process group: rlhf run and the stage it launched
-    process.wait()
+    moments = [random.Random(os.getpid() + kill).uniform(3, 15) for kill in range(3)]
+    for moment in moments:
+        process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(SMOKE),
+                                    f"run.output_dir={tmp_path / 'b'}", "--no-report"], cwd=REPO, env=environment(),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(moment)
+        os.killpg(process.pid, 9)  # rlhf run and the stage it launched
+        process.wait()
     resumed = rlhf("run", str(SMOKE), f"run.output_dir={tmp_path / 'b'}", "--no-report")
-    assert resumed.returncode == 0, f"killed at {moment:.1f}s: {resumed.stderr[-3000:]}"
+    killed_at = ", ".join(f"{m:.1f}s" for m in moments)
+    assert resumed.returncode == 0, f"killed at {killed_at} after each start: {resumed.stderr[-3000:]}"
     for stage in ("pretrain", "sft", "reward", "ppo"):
         assert_identical_weights(tmp_path / "a" / "smoke" / stage / "final", tmp_path / "b" / "smoke" / stage / "final")
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import stages.ppo as ppo
+from pipeline.batches import left_pad
 from pipeline.checkpoints import COMPLETE_MARKER, read_manifest
 from pipeline.config import PPOSection, load_config
 from pipeline.policy_gradient import masked_mean
@@ -44,7 +45,7 @@ def test_prompt_order_covers_each_prompt_once_per_epoch():
 
 
 def test_left_pad_puts_prompts_against_the_response():
-    ids, mask = ppo.left_pad([[5, 6, 7], [8]], pad_token_id=0)
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert ppo.position_ids_of(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
 
@@ -75,7 +76,7 @@ def test_first_minibatch_of_first_epoch_has_ratio_exactly_one(pretrained_run):
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Write a short story about {n}."}],
                                              add_generation_prompt=True, return_dict=True)["input_ids"]
                for n in ("Mia", "Tom and a fox", "Ben", "Lily at the park", "Sam", "Anna", "Max", "Zoe")]
-    queries, query_mask = ppo.left_pad(prompts, tokenizer.pad_token_id)
+    queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
     torch.manual_seed(0)
     rollout = ppo.generate_rollout(policy, tokenizer, queries, query_mask, settings, accelerator)
     assert rollout.responses.shape[1] <= 12
@@ -111,7 +112,7 @@ def test_learnable_signal_raises_reward_with_bounded_kl(pretrained_run, monkeypa
                                              add_generation_prompt=True, return_dict=True)["input_ids"]
                for n in ("Mia", "Tom", "Ben", "Lily", "Sam", "Anna", "Max", "Zoe", "Leo", "Emma", "Jack", "Nina",
                          "the cat", "the dog", "the fox", "the bird")]
-    queries, query_mask = ppo.left_pad(prompts, tokenizer.pad_token_id)
+    queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
     context["width"] = queries.shape[1]
     policy_optimizer = torch.optim.AdamW(policy.parameters(), lr=settings.learning_rate)
     critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=settings.value_learning_rate)
