@@ -83,3 +83,33 @@ def test_write_json_atomically(tmp_path):
     write_json_atomically(tmp_path / "a.json", {"x": 1})
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_training_state_is_safetensors_and_loads_with_weights_only(tmp_path, monkeypatch):
+    import random
+
+    import torch
+    from accelerate import Accelerator
+
+    from pipeline.checkpoints import save_training_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    save_training_checkpoint(accelerator, tmp_path, 1, {"step": 1}, keep_last=2)
+    checkpoint = tmp_path / "checkpoint-1"
+    assert (checkpoint / "model.safetensors").is_file() and not list(checkpoint.glob("pytorch_model*"))
+    expected_python_rng = random.getstate()
+    expected_torch_rng = torch.get_rng_state()
+    random.random(), torch.rand(3)
+
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("weights_only")) or real_load(*a, **k))
+    accelerator.load_state(str(checkpoint))
+    assert loads and all(weights_only is True for weights_only in loads)
+    # the RNG states came back too (Accelerate swallows a failed RNG load, which would break exact resume)
+    assert random.getstate() == expected_python_rng and torch.equal(torch.get_rng_state(), expected_torch_rng)
