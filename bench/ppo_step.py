@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.batches import left_pad  # noqa: E402
 from pipeline.models import attention_for_precision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +30,8 @@ def build(arguments, lora: bool):
     """Tokenizer, policy, reference, critic and reward model of the given size, randomly initialised."""
     from transformers import LlamaForSequenceClassification
 
-    from data.builtin_task import prompts, pretraining_stories
+    from data.builtin_datasets import prompts
+    from data.builtin_task import pretraining_stories
     from data.tokenizer import train_bpe_tokenizer
     from pipeline.config import ModelSection, PeftSection, PPOSection
     from pipeline.models import build_llama_from_config

@@ -19,6 +19,7 @@ from pipeline.batches import left_pad
 from pipeline.checkpoints import read_manifest
 from pipeline.config import ConfigError, DatasetSource
 from pipeline.models import load_causal_lm
+from pipeline.policy_gradient import logprobs_of_tokens
 from reward_model import RewardNormalization, load_reward_model, score_responses
 
 POLICIES = ("pretrain", "sft", "ppo")
@@ -90,8 +91,8 @@ def sequence_logprob(model, tokenizer, prompt: str, response_ids: list[int], tem
     prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                tokenize=True, return_dict=True)["input_ids"]
     ids = torch.tensor([prompt_ids + response_ids])
-    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1: -1].float() / (temperature + 1e-7)
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response_ids)[:, None]).sum().item()
+    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1: -1]
+    return logprobs_of_tokens(logits, torch.tensor(response_ids), temperature).sum().item()
 
 
 def win_rate(first: list[float], second: list[float]) -> dict[str, float]:

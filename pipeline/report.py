@@ -143,7 +143,7 @@ td.sft {{ background: #eef4fb; }} td.ppo {{ background: #fbeeee; }} small {{ col
 
 def render_markdown(comparison) -> str:
     rows = means_table_rows(comparison)
-    lines = [f"# RLHF comparison", "", headline(comparison), "", "| " + " | ".join(rows[0]) + " |",
+    lines = ["# RLHF comparison", "", headline(comparison), "", "| " + " | ".join(rows[0]) + " |",
              "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
     lines += [""] + [f"- {metric} win rate: {r['win_rate']:.1%} (95% CI {r['low']:.1%}–{r['high']:.1%}, "

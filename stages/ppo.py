@@ -15,7 +15,6 @@ state Accelerate saves per process; β and the step go in trainer_state.json.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 import warnings
@@ -29,7 +28,8 @@ from transformers import AutoModelForSequenceClassification
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model
 
-from data.builtin_task import gold_score, write_builtin_task
+from data.builtin_datasets import write_builtin_task
+from data.builtin_task import gold_score
 from data.formats import prompts_from_rows
 from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer

@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from data.builtin_task import write_builtin_task
+from data.builtin_datasets import write_builtin_task
 from data.loading import load_source, read_rows, texts_from_rows
 from data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from pipeline.batches import epoch_order

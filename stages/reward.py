@@ -47,7 +47,8 @@ from accelerate import PartialState
 from datasets import Dataset
 from trl import RewardTrainer
 
-from data.builtin_task import gold_score, write_builtin_task
+from data.builtin_datasets import write_builtin_task
+from data.builtin_task import gold_score
 from data.formats import (
     Messages, PreferencePair, converted_splits, ids_of_responses, preference_pairs_from_rows, prompts_from_rows)
 from data.loading import load_source, read_rows

@@ -30,7 +30,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from data.builtin_task import write_builtin_task
+from data.builtin_datasets import write_builtin_task
 from data.formats import converted_splits, dialogues_from_rows
 from data.loading import read_rows
 from data.tokenizer import load_tokenizer

@@ -3,7 +3,6 @@ naming the field or row, and the run directory exactly as it was."""
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ import torch
 import yaml
 
 from pipeline.cli import main
-from tests.helpers import SMOKE
 
 CASES = yaml.safe_load((Path(__file__).parent / "cases.yaml").read_text())
 

@@ -6,10 +6,11 @@ import time
 
 import pytest
 
+from data.builtin_datasets import prompts, ranked_completions, sft_dialogues, write_builtin_task
 from data.builtin_task import (
     FACT_TEMPLATES, MAX_RESPONSE_WORDS, NAMES, TASK_FAMILIES, BuiltinTaskConfig, annotator_ranking, core_response,
-    fact_sentence, gold_score, ideal_response, is_held_out_prompt, pretraining_stories, prompts, question_answer,
-    random_facts, ranked_completions, sample_response, sft_dialogues, story_facts, write_builtin_task)
+    fact_sentence, gold_score, ideal_response, is_held_out_prompt, pretraining_stories, question_answer, random_facts,
+    sample_response, story_facts)
 
 STORY = "Mia had a red kite. Tom had a blue kite. One day, Mia went to the park. Mia felt happy."
 QA = f"Read the story and answer the question.\nStory: {STORY}\nQuestion: What colour was Mia's kite?"

@@ -1,6 +1,5 @@
 """PPO end to end on tiny models: the first-minibatch invariant, a learnable signal, exact resume."""
 
-import json
 import shutil
 from pathlib import Path
 
