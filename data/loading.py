@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,19 @@ def read_rows(path: str | Path, key: str = "data") -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"{key}.path: file {path} does not exist")
     if kind in (".parquet", ".csv"):
-        import datasets
+        # pyarrow directly, not datasets.load_dataset: no cache written, and no error logged beside ours
+        import pyarrow.csv
+        import pyarrow.parquet
 
-        builder = "parquet" if kind == ".parquet" else "csv"
-        return datasets.load_dataset(builder, data_files=str(path), split="train").to_list()
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        raw = handle.read()
+        try:
+            table = pyarrow.parquet.read_table(path) if kind == ".parquet" else pyarrow.csv.read_csv(path)
+        except (pyarrow.ArrowException, OSError) as error:
+            raise DataError(f"{path}: not a readable {kind[1:]} file ({first_line(error)})") from None
+        rows = table.to_pylist()
+        if not rows:
+            raise DataError(f"{key}.path: {path} holds no rows")
+        return rows
+    raw = read_bytes(path)
     if kind == ".txt":  # plain text: each paragraph (blank-line separated) is one document of a text dataset
         try:
             text = raw.decode("utf-8")
@@ -79,6 +86,23 @@ def read_rows(path: str | Path, key: str = "data") -> list[dict[str, Any]]:
     return rows
 
 
+def read_bytes(path: Path) -> bytes:
+    """A file's bytes, decompressed when it ends in .gz; a damaged or unreadable file is a DataError."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                return handle.read()
+        return path.read_bytes()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DataError(f"{path}: damaged or truncated gzip file ({first_line(error)})") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror or first_line(error)})") from None
+
+
+def first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def load_source(source: DatasetSource, key: str, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Rows of a configured dataset as (train, eval): the eval split if named, else a seeded held-out share."""
     if looks_like_local_path(source.path):
@@ -103,7 +127,7 @@ def load_hub_split(source: DatasetSource, split: str, key: str) -> list[dict[str
         dataset = datasets.load_dataset(source.path, source.name, split=split)
     except Exception as error:  # datasets raises many kinds; the user needs the id and the reason
         raise DataError(f"{key}.path: could not load hub dataset {source.path!r} split {split!r}: "
-                        f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+                        f"{first_line(error)}") from None
     rows = dataset.to_list()
     if not rows:
         raise DataError(f"{key}.path: hub dataset {source.path!r} split {split!r} holds no rows")

@@ -20,6 +20,7 @@ from pipeline.checkpoints import read_manifest
 from pipeline.config import ConfigError, DatasetSource
 from pipeline.models import load_causal_lm
 from pipeline.policy_gradient import logprobs_of_tokens
+from pipeline.stage_graph import compared_checkpoints
 from reward_model import RewardNormalization, load_reward_model, score_responses
 
 POLICIES = ("pretrain", "sft", "ppo")
@@ -111,19 +112,18 @@ def compare_run(run_dir: Path, prompts: int | None = None, samples_per_prompt: i
                 seed: int = 1234) -> Comparison:
     """Sample, score and compare the run's policies; write RUN_DIR/report/ and print a short table."""
     run_dir = Path(run_dir)
-    ppo_manifest = read_manifest(run_dir / "ppo")
-    if ppo_manifest is None or not (run_dir / "ppo" / "final").is_dir():
-        raise ConfigError(f"{run_dir}: no finished PPO stage to compare (expected {run_dir / 'ppo' / 'final'})")
-    ppo_config = ppo_manifest["config"]
+    checkpoints = compared_checkpoints(run_dir)
+    ppo_config = read_manifest(run_dir / "ppo")["config"]
     temperature, max_new_tokens = ppo_config["ppo"]["temperature"], ppo_config["ppo"]["response_length"]
     texts, builtin = evaluation_prompts(run_dir, ppo_config)
     texts = texts[:prompts] if prompts else texts
     if not texts:
         raise ConfigError(f"{run_dir}: no held-out prompts to compare on")
 
-    policies = {name: Path(ppo_manifest["input_checkpoint"]) if name == "sft" else run_dir / name / "final"
-                for name in POLICIES if name != "pretrain" or include_pretrained}
-    reward_dir = Path(ppo_manifest["reward_checkpoint"])
+    if include_pretrained and "pretrain" not in checkpoints:
+        raise ConfigError(f"{run_dir}: --include-pretrained, but there is no pretrain/final in this run")
+    policies = {name: Path(checkpoints[name]["path"]) for name in POLICIES if name != "pretrain" or include_pretrained}
+    reward_dir = Path(checkpoints["reward"]["path"])
     reward_model, reward_tokenizer = load_reward_model(str(reward_dir))
     normalization = RewardNormalization.load(reward_dir)
     tokenizer = load_tokenizer(policies["sft"])
@@ -145,7 +145,8 @@ def compare_run(run_dir: Path, prompts: int | None = None, samples_per_prompt: i
 
     comparison = Comparison(texts, samples, settings={
         "samples_per_prompt": samples_per_prompt, "temperature": temperature, "max_new_tokens": max_new_tokens,
-        "seed": seed, "builtin_task": builtin, "policies": {k: str(v) for k, v in policies.items()}})
+        "seed": seed, "builtin_task": builtin, "policies": {k: str(v) for k, v in policies.items()},
+        "checkpoints": {k: v for k, v in checkpoints.items() if k in policies or k == "reward"}})
     for name in models:
         mine = [s for s in samples if s.policy == name]
         comparison.means[name] = {

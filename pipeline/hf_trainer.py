@@ -77,9 +77,7 @@ def train_with_resume(trainer: Trainer, start: StageStart, config: PipelineConfi
     if trainer.is_world_process_zero():
         start.stage_dir.mkdir(parents=True, exist_ok=True)
         write_manifest(start.stage_dir, stage=stage, status="running", input_checkpoint=input_checkpoint,
-                       max_steps=trainer.args.max_steps)
-        from pipeline.stage import stage_fingerprint
-        write_manifest(start.stage_dir, config=stage_fingerprint(config, stage))
+                       max_steps=trainer.args.max_steps, **start.identity)
     if resume:
         print(f"[{stage}] resuming from {resume} (step {checkpoint_step(start.resume_from)})", flush=True)
     began = time.time()

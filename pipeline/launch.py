@@ -17,8 +17,7 @@ import torch
 from pipeline.checkpoints import checkpoint_step, latest_checkpoint, read_manifest
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.stage import plan_stage_start
-
-KEY_METRICS = {"pretrain": "eval_loss", "sft": "eval_loss", "reward": "eval_accuracy", "ppo": "objective/gold_score"}
+from pipeline.stage_graph import STAGE_GRAPH, stale_reason
 
 
 class StageFailed(RuntimeError):
@@ -89,18 +88,27 @@ class StageOutcome:
 
 
 def run_stages(config: PipelineConfig, overrides: list[str], restart: set[str]) -> list[StageOutcome]:
-    """Run the configured stages in order; raise StageFailed naming the first one that fails."""
+    """Run the configured stages in order; raise StageFailed naming the first one that fails.
+
+    Each stage is planned here, just before it would start and after its upstream stages have run: a finished
+    stage whose input models changed since it was trained (an upstream stage re-ran, model.name_or_path points
+    elsewhere) is stale, so its outputs are set aside and it runs again, and so, in turn, does every stage after
+    it whose inputs that changes."""
     outcomes = []
     for stage in config.run.stages:
-        start = plan_stage_start(config, stage, restart=False, is_main_process=False) if stage not in restart else None
-        if start is not None and start.already_finished:
+        start = plan_stage_start(config, stage, restart=stage in restart, is_main_process=True)
+        if start.already_finished:
             banner(f"{stage}: finished earlier, skipped")
             outcomes.append(outcome(config, stage, "skipped"))
             continue
-        note = "resuming from " + start.resume_from.name if start and start.resume_from else "starting"
+        if start.set_aside is not None:
+            note = f"starting over, earlier outputs kept in {start.set_aside[0]}"
+        else:
+            note = "resuming from " + start.resume_from.name if start.resume_from else "starting"
         banner(f"{stage}: {note}")
         began = time.time()
-        code = subprocess.call(launch_command(config, stage, overrides, stage in restart), env=stage_environment(config))
+        # The stage plans its own start again and, finding what this process left, makes the same decision.
+        code = subprocess.call(launch_command(config, stage, overrides, restart=False), env=stage_environment(config))
         if code != 0:
             raise StageFailed(stage, code)
         banner(f"{stage}: done in {time.time() - began:.0f}s")
@@ -110,7 +118,7 @@ def run_stages(config: PipelineConfig, overrides: list[str], restart: set[str]) 
 
 def outcome(config: PipelineConfig, stage: str, status: str) -> StageOutcome:
     manifest = read_manifest(config.run_dir / stage) or {}
-    key = KEY_METRICS[stage]
+    key = STAGE_GRAPH[stage].key_metric
     return StageOutcome(stage, status, manifest.get("steps"), manifest.get("wall_time_s"), key,
                         (manifest.get("metrics") or {}).get(key))
 
@@ -130,10 +138,13 @@ def summary_table(outcomes: list[StageOutcome]) -> str:
 
 
 def stage_status(run_dir: Path, stage: str) -> str:
-    """One line: done (steps, wall time), in progress (step N of M), or pending."""
+    """One line: done (steps, wall time), stale (why), in progress (step N of M), or pending."""
     stage_dir = run_dir / stage
     manifest = read_manifest(stage_dir)
     if manifest and manifest.get("status") == "finished" and (stage_dir / "final").is_dir():
+        reason = stale_reason(run_dir, stage)
+        if reason is not None:
+            return f"stale       {reason}; `rlhf run` trains it again"
         return f"done        {manifest.get('steps')} steps in {manifest.get('wall_time_s', 0):.0f}s"
     latest = latest_checkpoint(stage_dir)
     if manifest or latest:

@@ -84,6 +84,13 @@ def means_table_rows(comparison) -> list[list[str]]:
     return rows
 
 
+def provenance_rows(comparison) -> list[list[str]]:
+    """The exact checkpoints compared: role, path, and the SHA-256 of the directory's contents."""
+    checkpoints = comparison.settings.get("checkpoints") or {}
+    return [["checkpoint", "path", "sha256"]] + [[name, str(c["path"]), str(c.get("digest") or "not hashed (hub id)")]
+                                                 for name, c in checkpoints.items()]
+
+
 def write_report(run_dir: Path, comparison) -> Path:
     """Write report/index.html, report/report.json and report/summary.md, atomically as one directory."""
     history = MetricsLog(Path(run_dir) / "ppo" / "metrics.jsonl", resume_step=-1, enabled=False).read()
@@ -109,6 +116,9 @@ def render_html(comparison, charts: list[str]) -> str:
                                           for c in row) + "</tr>" for i, row in enumerate(table))
     win_html = "".join(f"<li><b>{metric}</b>: PPO wins {r['win_rate']:.0%} of prompts (95% CI {r['low']:.0%}–"
                        f"{r['high']:.0%}; {r['ties']} ties count half)</li>" for metric, r in comparison.win_rates.items())
+    provenance_html = "".join("<tr>" + "".join(f"<{'th' if i == 0 else 'td'}><code>{html.escape(c)}</code>"
+                                               f"</{'th' if i == 0 else 'td'}>" for c in row) + "</tr>"
+                              for i, row in enumerate(provenance_rows(comparison)))
     gold = comparison.settings.get("builtin_task")
     side_by_side = []
     for index, prompt in enumerate(comparison.prompts):
@@ -137,6 +147,7 @@ td.sft {{ background: #eef4fb; }} td.ppo {{ background: #fbeeee; }} small {{ col
 <h2>Side by side</h2>
 <p>The first of {comparison.settings['samples_per_prompt']} samples per prompt, same seed for both policies, temperature {comparison.settings['temperature']}.</p>
 <table id="side-by-side"><tr><th>prompt</th><th>SFT</th><th>PPO</th></tr>{''.join(side_by_side)}</table>
+<h2>Checkpoints compared</h2><table id="checkpoints">{provenance_html}</table>
 </body></html>
 """
 
@@ -148,6 +159,10 @@ def render_markdown(comparison) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
     lines += [""] + [f"- {metric} win rate: {r['win_rate']:.1%} (95% CI {r['low']:.1%}–{r['high']:.1%}, "
                      f"{r['prompts']} prompts)" for metric, r in comparison.win_rates.items()]
+    provenance = provenance_rows(comparison)
+    if len(provenance) > 1:
+        lines += ["", "## Checkpoints compared", "", "| " + " | ".join(provenance[0]) + " |", "|---|---|---|"]
+        lines += [f"| {name} | `{path}` | `{digest}` |" for name, path, digest in provenance[1:]]
     return "\n".join(lines) + "\n"
 
 

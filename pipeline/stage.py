@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib.util
-import json
 import os
 import random
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +18,8 @@ import torch
 
 from pipeline.checkpoints import OutputWriteError, latest_checkpoint, read_manifest, remove_stale_temporaries
 from pipeline.config import ConfigError, PipelineConfig, load_config
-
-# The config sections whose change makes a stage's checkpoints and final model stale.
-STAGE_INPUTS = {
-    "pretrain": ("model", "tokenizer", "data.builtin", "data.pretrain", "pretrain"),
-    "sft": ("data.builtin", "data.sft", "sft"),
-    "reward": ("data.builtin", "data.reward", "reward"),
-    "ppo": ("data.builtin", "data.ppo", "ppo"),
-}
-
+from pipeline.stage_graph import (
+    EXTERNAL_MODEL, changed_inputs, input_record, set_aside, stage_identity, starting_model_source)
 
 def parse_stage_arguments(stage: str, argv: list[str] | None = None) -> tuple[PipelineConfig, bool]:
     """Parse `--config FILE [--restart] [key=value ...]`; a bad config exits 2 with one line naming the key."""
@@ -61,18 +53,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def stage_fingerprint(config: PipelineConfig, stage: str) -> dict[str, Any]:
-    """The parts of the config a stage's result depends on, for deciding whether a checkpoint is stale."""
-    as_dict = config.to_dict()
-    fingerprint: dict[str, Any] = {"run.seed": config.run.seed}
-    for dotted in STAGE_INPUTS[stage]:
-        node: Any = as_dict
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        fingerprint[dotted] = node
-    return json.loads(json.dumps(fingerprint, default=str))
-
-
 def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested dicts."""
     keys = sorted(set(old) | set(new))
@@ -88,40 +68,60 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
 
 @dataclass
 class StageStart:
-    """Where a stage begins: from scratch, from a checkpoint, or nothing to do because final/ is current."""
+    """Where a stage begins: from scratch, from a checkpoint, or nothing to do because final/ is current.
+    `identity` (config values and input digests) goes into the manifest; `set_aside` says where outputs that
+    were stale or restarted went, and why."""
 
     stage_dir: Path
     resume_from: Path | None
     already_finished: bool
+    identity: dict[str, Any] = field(default_factory=dict)
+    set_aside: tuple[Path, str] | None = None
 
 
 def plan_stage_start(config: PipelineConfig, stage: str, restart: bool, is_main_process: bool = True) -> StageStart:
-    """Decide whether to resume, skip, or refuse because the config changed since the checkpoints were made."""
+    """Decide whether to skip, resume or start a stage, from its identity (config values and the digests of
+    the models it reads, pipeline/stage_graph.py) against the one its manifest recorded:
+    - same identity, finished: skip; same identity, interrupted: resume from the newest complete checkpoint;
+    - its own config changed: refuse (a typo must not discard work), `--restart` starts it over;
+    - an input model changed: a finished stage is stale, so its outputs are set aside and it starts over; an
+      interrupted one is refused like a config change.
+    Only the main process moves files; the others reach the same decision from the same manifest."""
     stage_dir = config.run_dir / stage
-    manifest = read_manifest(stage_dir)
-    fingerprint = stage_fingerprint(config, stage)
+    identity = stage_identity(config, stage, write_cache=is_main_process)
     if restart:
-        if is_main_process:
-            discard_stage_outputs(stage_dir)
-        return StageStart(stage_dir, None, False)
-    if manifest is not None and manifest.get("config") is not None:
-        changed = config_differences(manifest["config"], fingerprint)
-        if changed and (latest_checkpoint(stage_dir) is not None or (stage_dir / "final").is_dir()):
+        moved = set_aside(config.run_dir, stage, "restarted with --restart") if is_main_process else None
+        announce_set_aside(stage, moved, "restarted")
+        return StageStart(stage_dir, None, False, identity, (moved, "restarted") if moved else None)
+    manifest = read_manifest(stage_dir)
+    finished = manifest is not None and manifest.get("status") == "finished" and (stage_dir / "final").is_dir()
+    has_outputs = latest_checkpoint(stage_dir) is not None or (stage_dir / "final").is_dir()
+    if manifest is not None and has_outputs:
+        changed = config_differences(manifest.get("config") or {}, identity["config"])
+        if changed:
             raise ConfigError(
                 f"{stage}: config changed since this stage's checkpoints were written ({', '.join(changed[:5])}); "
                 f"run with --restart {stage} to start it over, or restore the old values")
-    if manifest is not None and manifest.get("status") == "finished" and (stage_dir / "final").is_dir():
-        return StageStart(stage_dir, None, True)
+        inputs_changed = changed_inputs(manifest.get("inputs"), identity["inputs"])
+        if inputs_changed and not finished:
+            raise ConfigError(
+                f"{stage}: {inputs_changed[0]} since this stage's checkpoints were written; run with --restart "
+                f"{stage} to start it over from the new input")
+        if inputs_changed:
+            reason = f"stale: {'; '.join(inputs_changed)}"
+            moved = set_aside(config.run_dir, stage, reason) if is_main_process else None
+            announce_set_aside(stage, moved, reason)
+            return StageStart(stage_dir, None, False, identity, (moved, reason) if moved else None)
+    if finished:
+        return StageStart(stage_dir, None, True, identity)
     if is_main_process:
         remove_stale_temporaries(stage_dir)
-    return StageStart(stage_dir, latest_checkpoint(stage_dir), False)
+    return StageStart(stage_dir, latest_checkpoint(stage_dir), False, identity)
 
 
-def discard_stage_outputs(stage_dir: Path) -> None:
-    import shutil
-
-    if stage_dir.is_dir():
-        shutil.rmtree(stage_dir)
+def announce_set_aside(stage: str, moved: Path | None, reason: str) -> None:
+    if moved is not None:
+        print(f"[{stage}] {reason}; its earlier outputs are kept in {moved}; starting it over", flush=True)
 
 
 def trackers(report_to: str) -> list[str] | None:
@@ -153,8 +153,11 @@ def quiet_transformers() -> None:
     """Keep the stage's own progress bar and banners readable: no per-save progress bars or load reports."""
     from transformers.utils import logging
 
+    from pipeline.models import quiet_library_warnings
+
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    quiet_library_warnings()
 
 
 def run_stage_main(stage: str, runner: Callable[[PipelineConfig, bool], Any], argv: list[str] | None = None) -> None:
@@ -177,18 +180,10 @@ def run_stage_main(stage: str, runner: Callable[[PipelineConfig, bool], Any], ar
                         f"are intact, the newest one is resumed from after the cause is fixed", code=1)
 
 
-PREVIOUS_STAGE = {"sft": "pretrain", "reward": "sft", "ppo": "sft"}
-
-
 def stage_input_model(config: PipelineConfig, stage: str) -> str:
-    """The model a stage starts from: the previous stage's final/ when that stage is part of the run or
+    """The model a stage starts from: the upstream stage's final/ when that stage is part of the run or
     finished, else `model.name_or_path` (a hub id or path), else a ConfigError saying what to do."""
-    previous = PREVIOUS_STAGE[stage]
-    final_dir = config.run_dir / previous / "final"
-    if previous in config.run.stages or final_dir.is_dir():
-        if not final_dir.is_dir():
-            raise ConfigError(f"{stage}: needs the {previous} stage's model at {final_dir}; run {previous} first")
-        return str(final_dir)
-    if config.model.name_or_path is None:
-        raise ConfigError(f"{stage}: no input model: add '{previous}' to run.stages or set model.name_or_path")
-    return config.model.name_or_path
+    source = starting_model_source(config, stage)
+    if source == EXTERNAL_MODEL:
+        return config.model.name_or_path
+    return input_record(config, stage, source, write_cache=False)["path"]

@@ -43,7 +43,7 @@ from pipeline.policy_gradient import (
     clipped_policy_loss, clipped_value_loss, entropy_from_logits, gae_advantages, kl_controller_from_config,
     kl_per_token, logprobs_of_tokens, masked_mean, masked_whiten, per_token_rewards, response_mask, truncate_after_eos)
 from pipeline.stage import (
-    bf16_enabled, plan_stage_start, run_stage_main, seed_everything, stage_fingerprint, stage_input_model, trackers)
+    bf16_enabled, plan_stage_start, run_stage_main, seed_everything, stage_input_model, trackers)
 from reward_model import RewardNormalization, load_reward_model, score_token_ids
 
 STAGE = "ppo"
@@ -374,7 +374,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
         accelerator.print(f"[ppo] resuming from {start.resume_from} (step {step})")
     if accelerator.is_main_process:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        write_manifest(stage_dir, stage=STAGE, status="running", config=stage_fingerprint(config, STAGE),
+        write_manifest(stage_dir, stage=STAGE, status="running", **start.identity,
                        input_checkpoint=policy_path, reward_checkpoint=str(reward_path), max_steps=settings.max_steps,
                        parameters=count_parameters(accelerator.unwrap_model(policy)))
     resumed_at = step if start.resume_from else None

@@ -29,7 +29,7 @@ from pipeline.config import ConfigError, PipelineConfig, PretrainSection
 from pipeline.faults import poison_weights_if_requested
 from pipeline.models import (
     attention_for_precision, build_llama_from_config, count_parameters, load_causal_lm, save_hf_model)
-from pipeline.stage import bf16_enabled, plan_stage_start, run_stage_main, seed_everything, stage_fingerprint, trackers
+from pipeline.stage import bf16_enabled, plan_stage_start, run_stage_main, seed_everything, trackers
 
 STAGE = "pretrain"
 
@@ -151,7 +151,7 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
         accelerator.print(f"[pretrain] resuming from {start.resume_from} (step {step})")
     if accelerator.is_main_process:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        write_manifest(stage_dir, stage=STAGE, status="running", config=stage_fingerprint(config, STAGE),
+        write_manifest(stage_dir, stage=STAGE, status="running", **start.identity,
                        input_checkpoint=config.model.name_or_path, max_steps=settings.max_steps,
                        parameters=count_parameters(accelerator.unwrap_model(model)))
     metrics_log = MetricsLog(stage_dir / "metrics.jsonl", step if start.resume_from else None,

@@ -74,26 +74,58 @@ def test_run_end_to_end_then_skip_finished_stages(tmp_path):
     assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 4
     changed = rlhf("run", str(SMOKE), f"run.output_dir={tmp_path}", "ppo.kl_coef=0.1")
     assert changed.returncode == 2 and "config changed" in changed.stderr and "--restart ppo" in changed.stderr
+    # A new SFT policy makes the reward model and PPO trained from the old one stale: both run again.
+    retrained = rlhf("run", str(SMOKE), f"run.output_dir={tmp_path}", "sft.max_steps=20", "--restart", "sft",
+                     "--no-report")
+    assert retrained.returncode == 0, retrained.stderr[-3000:]
+    assert "pretrain: finished earlier, skipped" in retrained.stdout
+    for stage in ("sft", "reward", "ppo"):
+        assert f"==== {stage}: starting over, earlier outputs kept in" in retrained.stdout, stage
+    assert "[reward] stale: sft changed since it was read" in retrained.stdout
+    stale = sorted(p.name.split("-")[0] for p in (tmp_path / "smoke" / "stale").iterdir())
+    assert stale == ["ppo", "reward", "sft"]
+    assert all(line.split()[1] == "done" for line in rlhf("status", str(tmp_path / "smoke")).stdout.splitlines())
+
+
+def metrics_reached(stage_dir, step):
+    path = stage_dir / "metrics.jsonl"
+    return path.is_file() and any(json.loads(line).get("step", 0) >= step
+                                  for line in path.read_text().splitlines() if line.strip().endswith("}"))
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    """Three SIGKILLs of the whole process group at random moments, each followed by a restart that resumes."""
+    """`rlhf run` (the whole process group) SIGKILLed once inside every stage: pretraining, SFT and the reward
+    model just after a checkpoint, PPO in the middle of a step (its step 4 logged, step 5 under way); each
+    restart resumes, and every stage's final weights equal those of an uninterrupted run."""
     reference = rlhf("run", str(SMOKE), f"run.output_dir={tmp_path / 'a'}", "--no-report")
     assert reference.returncode == 0, reference.stderr[-3000:]
-    moments = [random.Random(os.getpid() + kill).uniform(3, 15) for kill in range(3)]
-    for moment in moments:
+    run_dir = tmp_path / "b" / "smoke"
+    kill_points = {
+        "pretrain": lambda: (run_dir / "pretrain" / "checkpoint-10" / "checkpoint_complete.json").is_file(),
+        "sft": lambda: (run_dir / "sft" / "checkpoint-20" / "checkpoint_complete.json").is_file(),
+        "reward": lambda: (run_dir / "reward" / "checkpoint-10" / "checkpoint_complete.json").is_file(),
+        "ppo": lambda: metrics_reached(run_dir / "ppo", 4),
+    }
+    for stage, reached in kill_points.items():
         process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(SMOKE),
                                     f"run.output_dir={tmp_path / 'b'}", "--no-report"], cwd=REPO, env=environment(),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(moment)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.time() + 300
+        while not reached() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert process.poll() is None, f"the run ended before the kill point in {stage}: {process.stderr.read()[-2000:]}"
         os.killpg(process.pid, 9)  # rlhf run and the stage it launched
         process.wait()
+        assert not (run_dir / stage / "final").exists(), f"{stage} finished before it was killed"
+    status = rlhf("status", str(run_dir))
+    assert "ppo       in progress step 3 of 6" in status.stdout, status.stdout
     resumed = rlhf("run", str(SMOKE), f"run.output_dir={tmp_path / 'b'}", "--no-report")
-    killed_at = ", ".join(f"{m:.1f}s" for m in moments)
-    assert resumed.returncode == 0, f"killed at {killed_at} after each start: {resumed.stderr[-3000:]}"
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "ppo: resuming from checkpoint-3" in resumed.stdout
     for stage in ("pretrain", "sft", "reward", "ppo"):
         assert_identical_weights(tmp_path / "a" / "smoke" / stage / "final", tmp_path / "b" / "smoke" / stage / "final")
+    assert (run_dir / "ppo" / "metrics.jsonl").read_text() == (tmp_path / "a" / "smoke" / "ppo" / "metrics.jsonl").read_text()
 
 
 @pytest.mark.slow

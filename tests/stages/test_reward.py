@@ -40,16 +40,18 @@ def test_a_prompt_is_one_batch_element_each_response_scored_once(tiny_causal_lm)
 
 def test_smoke_reward_reports_accuracies_and_stores_normalization(smoke_run):
     use_pretrain_as_sft(smoke_run)
-    final = run_reward(load_config(SMOKE, [f"run.output_dir={smoke_run}", "reward.max_steps=4", "reward.save_steps=2",
-                                           "reward.eval_steps=4", "reward.logging_steps=2"]))
+    final = run_reward(load_config(SMOKE, [f"run.output_dir={smoke_run}", "reward.save_steps=10"]))
     model, _ = load_reward_model(final)
     assert model.config.num_labels == 1
     normalization = RewardNormalization.load(final)
     assert normalization.std > 0 and normalization != RewardNormalization()
     manifest = read_manifest(final.parent)
     metrics = manifest["metrics"]
-    assert manifest["status"] == "finished" and manifest["steps"] == 4 and manifest["train_pairs"] == 6 * manifest["train_prompts"]
-    assert metrics["eval_pairs"] == 6 * 40 and 0 <= metrics["eval_accuracy"] <= 1 and 0 <= metrics["eval_gold_accuracy"] <= 1
+    assert manifest["status"] == "finished" and manifest["steps"] == 20 and manifest["train_pairs"] == 6 * manifest["train_prompts"]
+    assert metrics["eval_pairs"] == 6 * 40
+    # The smoke preset's 20 steps already learn some of the annotators' taste (0.61 vs the annotator, 0.64 vs the
+    # judge on 2 CPU cores); chance would stay below 0.57 with 99% probability on these 240 pairs.
+    assert metrics["eval_accuracy"] > 0.57 and metrics["eval_gold_accuracy"] > 0.57
     assert metrics["annotator_gold_agreement"] > 0.7  # the simulated annotator mostly agrees with the judge
     assert all((p / COMPLETE_MARKER).is_file() for p in final.parent.glob("checkpoint-*"))
     logged = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
