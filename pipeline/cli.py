@@ -1,7 +1,8 @@
 """The `rlhf` command: run the pipeline, see where a run stands, compare policies, sample from checkpoints.
 
     rlhf run CONFIG [key=value ...] [--restart STAGE]   pretrain → sft → reward → ppo, then the report
-    rlhf status RUN_DIR                                 which stages are done, in progress, or pending
+    rlhf plan CONFIG [key=value ...] [--gpus N ...]     memory per device of each stage: will it fit?
+    rlhf status RUN_DIR                                 which stages are done, stale, in progress, or pending
     rlhf compare RUN_DIR                                SFT vs PPO samples, scored; writes RUN_DIR/report/
     rlhf generate CHECKPOINT --prompt TEXT              sample (greedy, temperature, top-k, top-p)
     rlhf chat CHECKPOINT                                an interactive, streaming chat
@@ -28,6 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--restart", action="append", default=[], choices=STAGES, metavar="STAGE",
                      help="discard this stage's checkpoints and run it from scratch (repeatable)")
     run.add_argument("--no-report", action="store_true", help="skip the comparison report at the end")
+
+    plan = commands.add_parser("plan", help="the memory each stage needs per device, whether it fits, what would")
+    plan.add_argument("config", help="YAML run config, e.g. configs/gpu.yaml")
+    plan.add_argument("overrides", nargs="*", metavar="key=value")
+    plan.add_argument("--gpus", type=int, help="plan for N GPUs (default: this machine's, or its CPU)")
+    plan.add_argument("--gpu-memory", type=float, metavar="GiB", help="memory of each GPU, to plan for GPUs elsewhere")
+    plan.add_argument("--engine", choices=("ddp", "fsdp2", "zero2", "zero3"),
+                      help="default: what run.accelerate_config launches, else ddp")
 
     status = commands.add_parser("status", help="which stages of a run are done, in progress, or pending")
     status.add_argument("run_dir", type=Path)
@@ -66,11 +75,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 def command_run(arguments: argparse.Namespace) -> int:
     from pipeline.launch import StageFailed, run_directory_lock, run_stages, summary_table
 
+    from pipeline.memory_plan import check_run_fits
     from pipeline.preflight import preflight
 
     config = load_config(arguments.config, arguments.overrides)
     set_offline_mode(config.run.offline)
     preflight(config)  # bad rows, checkpoints and tokenizers fail here, before anything is written
+    check_run_fits(config)  # a stage that cannot fit this machine's memory fails here, not at its first step
     with run_directory_lock(config.run_dir):
         try:
             outcomes = run_stages(config, arguments.overrides, set(arguments.restart))
@@ -83,6 +94,17 @@ def command_run(arguments: argparse.Namespace) -> int:
 
             compare_run(config.run_dir)
     return 0
+
+
+def command_plan(arguments: argparse.Namespace) -> int:
+    from pipeline.memory_plan import format_plan, machine_hardware, plan_run
+
+    config = load_config(arguments.config, arguments.overrides)
+    set_offline_mode(config.run.offline)
+    hardware = machine_hardware(config, arguments.gpus, arguments.gpu_memory, arguments.engine)
+    plans = plan_run(config, hardware)
+    print(format_plan(plans, hardware))
+    return 0 if all(plan.fits for plan in plans) else 1
 
 
 def command_status(arguments: argparse.Namespace) -> int:
@@ -116,7 +138,7 @@ def command_chat(arguments: argparse.Namespace) -> int:
     return chat_command(arguments)
 
 
-COMMANDS = {"run": command_run, "status": command_status, "compare": command_compare,
+COMMANDS = {"run": command_run, "plan": command_plan, "status": command_status, "compare": command_compare,
             "generate": command_generate, "chat": command_chat}
 
 if __name__ == "__main__":

@@ -422,6 +422,11 @@ def validate_ppo(ppo: PPOSection, model: ModelSection) -> None:
                 f"model.max_position_embeddings={model.max_position_embeddings}")
 
 
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".gz")
+
+
 def looks_like_local_path(text: str) -> bool:
-    """Hub ids are `name` or `org/name`; anything with a file suffix, a leading ./ or / , or more parts is local."""
-    return text.startswith((".", "/", "~")) or text.count("/") > 1 or Path(text).suffix != "" or Path(text).exists()
+    """Hub ids are `name` or `org/name`; a leading ./ or / , more parts, a data file's suffix, or an existing
+    path is local. A dot alone does not make a path: `Qwen/Qwen2.5-0.5B-Instruct` is a hub id."""
+    return (text.startswith((".", "/", "~")) or text.count("/") > 1 or Path(text).suffix.lower() in DATA_FILE_SUFFIXES
+            or Path(text).exists())
