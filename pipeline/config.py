@@ -143,6 +143,8 @@ class PPOSection:
     missing_eos_penalty: float | None = 1.0  # subtracted from the score of a response that never ended
     learning_rate: float = 3e-5  # policy
     value_learning_rate: float = 1e-4  # critic
+    lr_scheduler_type: Literal["linear", "constant"] = "linear"  # TRL's default: decay to 0 over max_steps
+    weight_decay: float = 0.0  # AdamW's, on weight matrices; TRL's default (torch's AdamW alone would use 0.01)
     max_grad_norm: float = 1.0
     kl_coef: float = 0.05  # β; the starting value when target_kl is set
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -413,6 +415,7 @@ def validate_ppo(ppo: PPOSection, model: ModelSection) -> None:
     for key in ("gamma", "lam"):
         require(0 <= getattr(ppo, key) <= 1, f"ppo.{key}: must be within [0, 1], got {getattr(ppo, key)}")
     require(ppo.kl_coef >= 0, f"ppo.kl_coef: must not be negative, got {ppo.kl_coef}")
+    require(ppo.weight_decay >= 0, f"ppo.weight_decay: must not be negative, got {ppo.weight_decay}")
     require(ppo.vf_coef > 0, f"ppo.vf_coef: must be positive, got {ppo.vf_coef}")
     if ppo.target_kl is not None:
         require(ppo.target_kl > 0, f"ppo.target_kl: must be positive, got {ppo.target_kl}")

@@ -1,24 +1,64 @@
-"""Fault injection for the reliability tests: `RLHF_INJECT_NAN=<stage>:<step>` poisons a weight with NaN just
-before that optimizer step, so the loss really turns NaN and the stage's guards are exercised end to end."""
+"""NaN/inf never reaches a checkpoint: the guards our training loops run before an optimizer step and before a
+save, and the fault injection the reliability tests exercise them with.
+
+`RLHF_INJECT_NAN=<stage>:<step>` poisons a weight with NaN just before that optimizer step, so the loss really
+turns NaN; `RLHF_INJECT_NAN_GRADIENT=<stage>:<step>` poisons a gradient after that step's backward passes, so
+the loss stays finite and only the gradient norm shows it: the case a loss check alone lets through to the next
+checkpoint. Steps are counted from 0, as the loops count them before the optimizer step.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
 NAN_VARIABLE = "RLHF_INJECT_NAN"
+NAN_GRADIENT_VARIABLE = "RLHF_INJECT_NAN_GRADIENT"
 
 
 def poison_weights_if_requested(stage: str, step: int, model: torch.nn.Module) -> None:
     """Fill the first trainable parameter with NaN when the environment asks for it at this stage and step."""
-    request = os.environ.get(NAN_VARIABLE)
-    if request != f"{stage}:{step}":
+    if os.environ.get(NAN_VARIABLE) != f"{stage}:{step}":
         return
     parameter = next(p for p in model.parameters() if p.requires_grad)
     with torch.no_grad():
         parameter.fill_(float("nan"))
 
 
+def poison_gradients_if_requested(stage: str, step: int, model: torch.nn.Module) -> None:
+    """Fill the gradient of the first parameter that has one with NaN when the environment asks for it."""
+    if os.environ.get(NAN_GRADIENT_VARIABLE) != f"{stage}:{step}":
+        return
+    parameter = next(p for p in model.parameters() if p.grad is not None)
+    parameter.grad.fill_(float("nan"))
+
+
 def weights_are_finite(model: torch.nn.Module) -> bool:
-    return all(torch.isfinite(p).all() for p in model.parameters())
+    # One flag per tensor, stacked: a single device-to-host sync, not one per parameter.
+    flags = [torch.isfinite(p).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def require_finite_gradient_norms(norms: dict[str, torch.Tensor | float], stage: str, step: int, setting: str) -> None:
+    """Stop before the optimizer step when a gradient norm is NaN/inf: the step would write non-finite weights,
+    which the next save would keep. `step` is the step being taken (1-based, as checkpoints are numbered);
+    `setting` is the config key to lower."""
+    for name, norm in norms.items():
+        value = float(norm)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{stage}: the gradient norm of the {name} became {value} at step {step}; the "
+                                     f"optimizer step was skipped and the last good checkpoint is kept (lower "
+                                     f"{setting} and resume)")
+
+
+def require_finite_weights(models: dict[str, torch.nn.Module], stage: str, step: int, accelerator) -> None:
+    """Refuse to save non-finite weights. Every process calls it; the flags are summed over processes so that all
+    stop together, also where each holds only a shard of the weights."""
+    flags = torch.tensor([float(not weights_are_finite(model)) for model in models.values()], device=accelerator.device)
+    flags = accelerator.reduce(flags, reduction="sum")
+    bad = [name for name, flag in zip(models, flags.tolist()) if flag > 0]
+    if bad:
+        raise FloatingPointError(f"{stage}: the {bad[0]}'s weights are not finite at step {step}; nothing was saved "
+                                 f"and the last good checkpoint is kept")

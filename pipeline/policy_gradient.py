@@ -21,6 +21,22 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return (values.sum() if dim is None else values.sum(dim)) / count.clamp(min=1)
 
 
+def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum over valid positions; garbage (even NaN) in the padding is ignored."""
+    mask = mask.bool()
+    values = torch.where(mask, values, torch.zeros_like(values))
+    return values.sum() if dim is None else values.sum(dim)
+
+
+def token_share(values: Tensor, mask: Tensor, token_count: Tensor | int | None = None) -> Tensor:
+    """Σ valid values / token_count: this batch's share of a token mean over `token_count` tokens (default its own
+    count, i.e. its masked mean). Micro-batches of one minibatch, each given the minibatch's count, add up to the
+    minibatch's token mean whatever the split; a mean per micro-batch would weigh a token of a short micro-batch
+    more than one of a long micro-batch (the length bias described by Dr. GRPO, Liu et al. 2025)."""
+    count = mask.bool().sum() if token_count is None else torch.as_tensor(token_count, device=values.device)
+    return masked_sum(values, mask) / count.clamp(min=1)
+
+
 def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     """Variance over valid positions, Bessel-corrected by default."""
     mask = mask.bool()
@@ -127,9 +143,12 @@ def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, 
 
 
 def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float,
-                        log_ratio_clamp: float = 20.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO's pessimistic clipped surrogate, a masked mean over tokens; the log-ratio is clamped (±20 like
-    OpenRLHF) so one wild token cannot overflow exp."""
+                        log_ratio_clamp: float = 20.0, token_count: Tensor | int | None = None
+                        ) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's pessimistic clipped surrogate as a token mean over `token_count` tokens (see `token_share`; pass the
+    minibatch's count to a micro-batch); the log-ratio is clamped (±20 like OpenRLHF) so one wild token cannot
+    overflow exp. The statistics are token shares too, so a minibatch's are the sums of its micro-batches' (see
+    `minibatch_statistics`)."""
     mask = mask.bool()
     log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
     log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
@@ -137,28 +156,38 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
     advantages = torch.where(mask, advantages, torch.zeros_like(advantages))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    loss = token_share(torch.max(unclipped, clipped), mask, token_count)
     with torch.no_grad():
-        statistics = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
-                      "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
-                      "ratio_mean": masked_mean(ratio, mask), "ratio_var": masked_var(ratio, mask)}
+        statistics = {"clipfrac": token_share((clipped > unclipped).float(), mask, token_count),
+                      "approxkl": 0.5 * token_share(log_ratio ** 2, mask, token_count),
+                      "ratio_mean": token_share(ratio, mask, token_count),
+                      "ratio_square_mean": token_share(ratio ** 2, mask, token_count)}
     return loss, statistics
 
 
-def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-                       clip_range_value: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """½·max((V − R)², (clip(V, V_old ± ε_v) − R)²), a masked mean: the critic may not jump far from the
-    values the advantages were computed with."""
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float,
+                       token_count: Tensor | int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """½·max((V − R)², (clip(V, V_old ± ε_v) − R)²) as a token mean over `token_count` tokens (see `token_share`):
+    the critic may not jump far from the values the advantages were computed with."""
     mask = mask.bool()
     values = torch.where(mask, values, torch.zeros_like(values))
     old_values = torch.where(mask, old_values, torch.zeros_like(old_values))
     returns = torch.where(mask, returns, torch.zeros_like(returns))
     clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), mask)
+    loss = 0.5 * token_share(torch.max(unclipped_loss, clipped_loss), mask, token_count)
     with torch.no_grad():
-        statistics = {"vf_clipfrac": masked_mean((clipped_loss > unclipped_loss).float(), mask)}
+        statistics = {"vf_clipfrac": token_share((clipped_loss > unclipped_loss).float(), mask, token_count)}
     return loss, statistics
+
+
+def minibatch_statistics(shares: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """A minibatch's token means from its micro-batches' token shares: their sums; the ratio's (population)
+    variance E[r²] − E[r]² from the summed moments, since variances of micro-batches do not add up."""
+    total = {key: torch.stack([share[key] for share in shares]).sum() for key in shares[0]}
+    if "ratio_square_mean" in total:
+        total["ratio_var"] = (total.pop("ratio_square_mean") - total["ratio_mean"] ** 2).clamp(min=0)
+    return total
 
 
 class FixedKLController:

@@ -9,7 +9,9 @@ listed in ../shared/PPO_NOTES.md; the math lives in pipeline/policy_gradient.py.
 
 Exact resume: checkpoints are taken only between steps, so no rollout buffer is saved. The prompt order and
 the minibatch order are pure functions of (seed, step, epoch); sampling uses the global torch RNG, whose
-state Accelerate saves per process; β and the step go in trainer_state.json.
+state Accelerate saves per process; β and the step go in trainer_state.json; the learning rates are a function
+of the step. A non-finite gradient norm stops the run before its optimizer step, and the weights are checked
+finite before every save, so no checkpoint ever holds NaN.
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ from pipeline.batches import epoch_order, left_pad
 from pipeline.checkpoints import (
     MetricsLog, atomic_directory, read_trainer_state, save_training_checkpoint, write_manifest)
 from pipeline.config import ConfigError, PipelineConfig, PPOSection
-from pipeline.faults import poison_weights_if_requested
+from pipeline.faults import (
+    poison_gradients_if_requested, poison_weights_if_requested, require_finite_gradient_norms, require_finite_weights)
 from pipeline.models import attention_for_precision, count_parameters, load_causal_lm, save_hf_model
 from pipeline.policy_gradient import (
     clipped_policy_loss, clipped_value_loss, entropy_from_logits, gae_advantages, kl_controller_from_config,
-    kl_per_token, logprobs_of_tokens, masked_mean, masked_whiten, per_token_rewards, response_mask, truncate_after_eos)
+    kl_per_token, logprobs_of_tokens, masked_mean, masked_whiten, minibatch_statistics, per_token_rewards,
+    response_mask)
+from pipeline.rollout import sample_batch, sampling_config
 from pipeline.stage import (
     bf16_enabled, plan_stage_start, run_stage_main, seed_everything, stage_input_model, trackers)
 from reward_model import RewardNormalization, load_reward_model, score_token_ids
@@ -91,16 +96,31 @@ def prompt_indices(step: int, settings: PPOSection, num_prompts: int, seed: int,
 
 # ---------------------------------------------------------------- models
 class ValueModel(torch.nn.Module):
-    """Per-token values from a sequence-classification model: its scalar head applied at every position."""
+    """Per-token values from a sequence-classification model: its scalar head applied at every position, in the
+    units of PPO's rewards. A critic read from the reward model gets the reward normalisation folded into its head
+    (weight/σ, bias −μ/σ): raw scores would leak a constant offset into every advantage near the EOS."""
 
-    def __init__(self, classifier: torch.nn.Module):
+    def __init__(self, classifier: torch.nn.Module, normalization: RewardNormalization | None = None):
         super().__init__()
+        classifier.score = head_in_reward_units(classifier.score, normalization or RewardNormalization())
         self.classifier = classifier
 
     def forward(self, input_ids, attention_mask, position_ids):
         backbone = getattr(self.classifier, self.classifier.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
         return self.classifier.score(hidden).squeeze(-1).float()
+
+
+def head_in_reward_units(head: torch.nn.Linear, normalization: RewardNormalization) -> torch.nn.Linear:
+    """A scalar head with a bias whose output is normalization.apply(head(h)). The Llama classifier's head has no
+    bias, and the critic needs one to carry −μ/σ; the bias trains with the rest (saved in every checkpoint)."""
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True, device=head.weight.device,
+                             dtype=head.weight.dtype)
+    with torch.no_grad():
+        bias = head.bias if head.bias is not None else torch.zeros_like(biased.bias)
+        biased.weight.copy_(head.weight / normalization.std)
+        biased.bias.copy_((bias - normalization.mean) / normalization.std)
+    return biased
 
 
 def build_policy(config: PipelineConfig, policy_path: str, tokenizer):
@@ -117,11 +137,14 @@ def build_policy(config: PipelineConfig, policy_path: str, tokenizer):
 
 
 def build_critic(config: PipelineConfig, policy_path: str, reward_path: Path, tokenizer) -> ValueModel:
-    source = str(reward_path) if config.ppo.critic_init == "reward" else policy_path
+    from_reward = config.ppo.critic_init == "reward"
     classifier = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=1, use_safetensors=True, dtype=torch.float32, trust_remote_code=config.model.trust_remote_code)
+        str(reward_path) if from_reward else policy_path, num_labels=1, use_safetensors=True, dtype=torch.float32,
+        trust_remote_code=config.model.trust_remote_code)
     classifier.config.pad_token_id = tokenizer.pad_token_id
-    return ValueModel(classifier)
+    # A critic read from the reward model starts at the normalised score PPO is rewarded with.
+    normalization = RewardNormalization.load(reward_path) if from_reward and config.ppo.normalize_reward else None
+    return ValueModel(classifier, normalization)
 
 
 def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -166,15 +189,12 @@ def generate_rollout(policy, tokenizer, queries, query_mask, settings: PPOSectio
     # One autocast context around all decoding steps: the policy's bf16 weights are cast once, not once a token.
     with unwrap_model_for_generation(policy, accelerator) as generator, accelerator.autocast():
         try:
-            generated = sample_responses(generator, queries, query_mask, settings, tokenizer)
+            responses, _ = sample_responses(generator, queries, query_mask, settings, tokenizer)
         except RuntimeError as error:
             if "inf" not in str(error) and "nan" not in str(error):
                 raise
             raise FloatingPointError("ppo: the policy's probabilities became NaN/inf; the last good checkpoint is "
                                      "kept (lower ppo.learning_rate and resume)") from None
-    responses = truncate_after_eos(generated, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    mask, _, _ = response_mask(responses, tokenizer.eos_token_id)
-    responses = responses[:, : int(mask.sum(1).max())]  # columns that are padding in every row cost compute only
     mask, last_index, contains_eos = response_mask(responses, tokenizer.eos_token_id)
     return Rollout(queries, query_mask, responses, mask, last_index, contains_eos)
 
@@ -194,14 +214,17 @@ def score_rollout(rollout: Rollout, policy, reference, critic, reward_model, nor
         logits = response_logits(policy, part, part_mask, context_length)
         logprobs.append(logprobs_of_tokens(logits, part_responses, settings.temperature))
         entropies.append(entropy_from_logits(logits, settings.temperature))
-        if reference is None:
-            with accelerator.unwrap_model(policy).disable_adapter():
-                ref_logits = response_logits(policy, part, part_mask, context_length)
-        else:
-            ref_logits = response_logits(reference, part, part_mask, context_length)
+        # `prepare` wrapped the policy's and the critic's forward in autocast, not the frozen reference's and
+        # reward model's: under bf16 they need the same context, or the KL at step 0 measures precision, not policy.
+        with accelerator.autocast():
+            if reference is None:
+                with accelerator.unwrap_model(policy).disable_adapter():
+                    ref_logits = response_logits(policy, part, part_mask, context_length)
+            else:
+                ref_logits = response_logits(reference, part, part_mask, context_length)
+            scores.append(score_token_ids(reward_model, part, part_mask))
         ref_logprobs.append(logprobs_of_tokens(ref_logits, part_responses, settings.temperature))
         values.append(critic(part, part_mask, position_ids_of(part_mask))[:, context_length - 1: -1])
-        scores.append(score_token_ids(reward_model, part, part_mask))
     logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
     values, raw_scores, entropy = torch.cat(values), torch.cat(scores).float(), torch.cat(entropies)
 
@@ -229,26 +252,44 @@ def score_rollout(rollout: Rollout, policy, reference, critic, reward_model, nor
     return Experience(sequences, attention_mask, mask, logprobs, values, advantages, returns), statistics
 
 
-def sample_responses(generator, queries, query_mask, settings: PPOSection, tokenizer) -> torch.Tensor:
-    """Sample from π itself: temperature only, no top-k / top-p, so the PPO ratio and KL are unbiased."""
-    context_length, pieces = queries.shape[1], []
-    for i in range(0, len(queries), settings.local_rollout_forward_batch_size):
-        output = generator.generate(
-            input_ids=queries[i: i + settings.local_rollout_forward_batch_size],
-            attention_mask=query_mask[i: i + settings.local_rollout_forward_batch_size],
-            max_new_tokens=settings.response_length, do_sample=True,
-            temperature=settings.temperature, top_k=0, top_p=1.0,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        piece = output[:, context_length:]
-        pieces.append(torch.nn.functional.pad(piece, (0, settings.response_length - piece.shape[1]),
-                                              value=tokenizer.pad_token_id))
-    return torch.cat(pieces)
+def sample_responses(generator, queries, query_mask, settings: PPOSection, tokenizer
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample from π itself: temperature only, no top-k / top-p and none of the checkpoint's generation_config,
+    so the PPO ratio and KL are unbiased. (responses, mask), each response cut at its first EOS."""
+    config = sampling_config(settings.response_length, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                             settings.temperature)
+    return sample_batch(generator, queries, query_mask, config, settings.local_rollout_forward_batch_size)
 
 
 # ---------------------------------------------------------------- optimisation
+def learning_rate_scale(step: int, settings: PPOSection) -> float:
+    """The share of the learning rates used at `step` (from 0): TRL's PPOTrainer steps a transformers schedule
+    once per PPO iteration; `linear` (its default) decays from 1 at step 0 towards 0 at max_steps, `constant`
+    stays at 1. A function of the step, so a resumed run uses exactly the rates an uninterrupted one does."""
+    if settings.lr_scheduler_type == "constant":
+        return 1.0
+    return 1.0 - step / settings.max_steps
+
+
+def build_optimizer(parameters, learning_rate: float, settings: PPOSection) -> torch.optim.AdamW:
+    """AdamW with eps 1e-5 (N+ details) and ppo.weight_decay on weight matrices only: biases and norm gains keep
+    their scale, as TRL leaves them out of decay."""
+    trainable = [p for p in parameters if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": settings.weight_decay},
+              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, eps=1e-5)
+
+
+# The minibatch statistics, under the names TRL's PPOTrainer logs them with.
+LOGGED_NAMES = {"policy_loss": "loss/policy_avg", "value_loss": "loss/value_avg", "clipfrac": "policy/clipfrac_avg",
+                "approxkl": "policy/approxkl_avg", "ratio_mean": "val/ratio", "ratio_var": "val/ratio_var",
+                "vf_clipfrac": "val/clipfrac_avg"}
+
+
 def ppo_update(policy, critic, policy_optimizer, critic_optimizer, experience: Experience, settings: PPOSection,
-               accelerator: Accelerator, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """num_ppo_epochs passes of shuffled minibatches, each of gradient_accumulation_steps micro-batches."""
+               accelerator: Accelerator, generator: torch.Generator, step: int = 0) -> dict[str, torch.Tensor]:
+    """num_ppo_epochs passes of shuffled minibatches, each of gradient_accumulation_steps micro-batches. `step`
+    (from 0) names the PPO iteration in errors and in fault injection."""
     context_length = experience.sequences.shape[1] - experience.mask.shape[1]
     local_batch = len(experience.sequences)
     minibatch = local_batch // settings.num_mini_batches
@@ -259,31 +300,42 @@ def ppo_update(policy, critic, policy_optimizer, critic_optimizer, experience: E
         order = torch.randperm(local_batch, generator=generator)
         for start in range(0, local_batch, minibatch):
             minibatch_indices = order[start: start + minibatch]
-            # The gradient of a minibatch is the sum over its micro-batches whatever their split, so group
-            # sequences of similar length into one micro-batch: less padding to compute on.
+            # Each micro-batch's token sums are divided by the minibatch's valid-token count, so the minibatch's
+            # gradient is its token mean whatever the split; hence sequences of similar length can share a
+            # micro-batch (less padding to compute on). Under DDP each process divides by its own minibatch's
+            # count and DDP averages the processes' gradients: tokens weigh equally within a process and the
+            # processes equally, as in TRL and OpenRLHF, without an all-reduce of the count per minibatch.
             minibatch_indices = minibatch_indices[torch.argsort(real_lengths[minibatch_indices], stable=True)]
+            token_count = experience.mask[minibatch_indices].sum()
+            shares = []
             for micro_start in range(0, minibatch, micro):
                 indices = minibatch_indices[micro_start: micro_start + micro]
                 last_micro = micro_start + micro >= minibatch
                 sync = contextlib.nullcontext() if last_micro else _no_sync(accelerator, policy, critic)
                 with sync:
-                    statistics = micro_batch_loss(policy, critic, experience, indices, context_length, settings,
-                                                  accelerator)
-                for key, value in statistics.items():
-                    totals.setdefault(key, []).append(value)
-            totals.setdefault("policy/grad_norm", []).append(
-                accelerator.clip_grad_norm_(policy.parameters(), settings.max_grad_norm).detach().float())
-            totals.setdefault("val/grad_norm", []).append(
-                accelerator.clip_grad_norm_(critic.parameters(), settings.max_grad_norm).detach().float())
+                    shares.append(micro_batch_loss(policy, critic, experience, indices, token_count, context_length,
+                                                   settings, accelerator))
+            poison_gradients_if_requested(STAGE, step, accelerator.unwrap_model(policy))
+            policy_norm = accelerator.clip_grad_norm_(policy.parameters(), settings.max_grad_norm)
+            critic_norm = accelerator.clip_grad_norm_(critic.parameters(), settings.max_grad_norm)
+            require_finite_gradient_norms({"policy": policy_norm, "critic": critic_norm}, STAGE, step + 1,
+                                          "ppo.learning_rate")
             policy_optimizer.step()
             critic_optimizer.step()
             policy_optimizer.zero_grad(set_to_none=True)
             critic_optimizer.zero_grad(set_to_none=True)
+            statistics = {LOGGED_NAMES[key]: value for key, value in minibatch_statistics(shares).items()}
+            statistics.update({"policy/grad_norm": policy_norm.detach().float(),
+                               "val/grad_norm": critic_norm.detach().float()})
+            for key, value in statistics.items():
+                totals.setdefault(key, []).append(value)
     return {key: torch.stack(values).mean() for key, values in totals.items()}
 
 
-def micro_batch_loss(policy, critic, experience: Experience, indices, context_length: int, settings: PPOSection,
-                     accelerator: Accelerator) -> dict[str, torch.Tensor]:
+def micro_batch_loss(policy, critic, experience: Experience, indices, token_count: torch.Tensor | int,
+                     context_length: int, settings: PPOSection, accelerator: Accelerator) -> dict[str, torch.Tensor]:
+    """Backward of one micro-batch's share of its minibatch's loss (token sums over the minibatch's `token_count`
+    valid tokens); returns its shares of the loss terms and statistics (see `minibatch_statistics`)."""
     sequences, attention_mask = experience.sequences[indices], experience.attention_mask[indices]
     mask = experience.mask[indices]
     # Columns that are padding in every row of this micro-batch (prompt padding on the left, response padding
@@ -298,16 +350,14 @@ def micro_batch_loss(policy, critic, experience: Experience, indices, context_le
     logprobs = logprobs_of_tokens(logits, sequences[:, context_length:], settings.temperature)
     width = mask.shape[1]
     policy_loss, policy_stats = clipped_policy_loss(logprobs, experience.old_logprobs[indices, :width],
-                                                    experience.advantages[indices, :width], mask, settings.cliprange)
+                                                    experience.advantages[indices, :width], mask, settings.cliprange,
+                                                    token_count=token_count)
     values = critic(sequences, attention_mask, position_ids_of(attention_mask))[:, context_length - 1: -1]
     value_loss, value_stats = clipped_value_loss(values, experience.old_values[indices, :width],
-                                                 experience.returns[indices, :width], mask, settings.cliprange_value)
-    loss = (policy_loss + settings.vf_coef * value_loss) / settings.gradient_accumulation_steps
-    accelerator.backward(loss)
-    return {"loss/policy_avg": policy_loss.detach(), "loss/value_avg": value_loss.detach(),
-            "policy/clipfrac_avg": policy_stats["clipfrac"], "policy/approxkl_avg": policy_stats["approxkl"],
-            "val/ratio": policy_stats["ratio_mean"], "val/ratio_var": policy_stats["ratio_var"],
-            "val/clipfrac_avg": value_stats["vf_clipfrac"]}
+                                                 experience.returns[indices, :width], mask, settings.cliprange_value,
+                                                 token_count=token_count)
+    accelerator.backward(policy_loss + settings.vf_coef * value_loss)
+    return {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(), **policy_stats, **value_stats}
 
 
 @contextlib.contextmanager
@@ -356,9 +406,8 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
         if model is not None:
             disable_dropout_in_model(model)
             attention_for_precision(model, accelerator.mixed_precision == "bf16", accelerator.device)
-    policy_optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=settings.learning_rate,
-                                         eps=1e-5)
-    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=settings.value_learning_rate, eps=1e-5)
+    policy_optimizer = build_optimizer(policy.parameters(), settings.learning_rate, settings)
+    critic_optimizer = build_optimizer(critic.parameters(), settings.value_learning_rate, settings)
     policy, critic, policy_optimizer, critic_optimizer = accelerator.prepare(
         policy, critic, policy_optimizer, critic_optimizer)
     reward_model = frozen_on_device(reward_model, accelerator)
@@ -395,9 +444,14 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
                                                   kl_controller.value, settings, accelerator)
         policy.train(), critic.train()
         poison_weights_if_requested(STAGE, step, accelerator.unwrap_model(policy))
+        lr_scale = learning_rate_scale(step, settings)
+        for optimizer, peak in ((policy_optimizer, settings.learning_rate),
+                                (critic_optimizer, settings.value_learning_rate)):
+            for group in optimizer.param_groups:
+                group["lr"] = peak * lr_scale
         shuffle = torch.Generator().manual_seed(config.run.seed * 100_003 + step * 101 + accelerator.process_index)
         update_stats = ppo_update(policy, critic, policy_optimizer, critic_optimizer, experience, settings,
-                                  accelerator, shuffle)
+                                  accelerator, shuffle, step)
         step += 1
 
         texts = tokenizer.batch_decode(rollout.responses, skip_special_tokens=True)
@@ -407,7 +461,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
                 sum(gold_score(prompt_texts[i], t) for i, t in zip(indices.tolist(), texts)) / len(texts))
         metrics = {k: v.item() for k, v in zip(local, accelerator.reduce(
             torch.stack([v.float().to(accelerator.device) for v in local.values()]), reduction="mean"))}
-        metrics["objective/kl_coef"] = kl_controller.value
+        metrics["objective/kl_coef"], metrics["lr"] = kl_controller.value, settings.learning_rate * lr_scale
         kl_controller.update(metrics["objective/kl"], rollout_batch_size(settings) * accelerator.num_processes)
         check_health(metrics, step, best_eos_share, accelerator)
         best_eos_share = max(best_eos_share, metrics["val/eos_share"])
@@ -422,12 +476,14 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
                              **({"gold": f"{metrics['objective/gold_score']:.2f}"} if builtin else {}))
         progress.update(1)
         if step % settings.save_steps == 0 or step == settings.max_steps:
+            require_finite_weights({"policy": policy, "critic": critic}, STAGE, step, accelerator)
             save_training_checkpoint(
                 accelerator, stage_dir, step,
                 {"elapsed_s": elapsed_before + time.time() - started, "kl_controller": kl_controller.state_dict()},
                 config.run.keep_last_checkpoints)
     progress.close()
 
+    require_finite_weights({"policy": policy}, STAGE, step, accelerator)
     if accelerator.is_main_process:
         with atomic_directory(final_dir) as staging:
             save_hf_model(accelerator.unwrap_model(policy), tokenizer, staging, merge_adapter=True)

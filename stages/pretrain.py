@@ -26,7 +26,8 @@ from pipeline.batches import epoch_order
 from pipeline.checkpoints import (
     MetricsLog, atomic_directory, read_trainer_state, save_training_checkpoint, write_manifest)
 from pipeline.config import ConfigError, PipelineConfig, PretrainSection
-from pipeline.faults import poison_weights_if_requested
+from pipeline.faults import (
+    poison_gradients_if_requested, poison_weights_if_requested, require_finite_gradient_norms, require_finite_weights)
 from pipeline.models import (
     attention_for_precision, build_llama_from_config, count_parameters, load_causal_lm, save_hf_model)
 from pipeline.stage import bf16_enabled, plan_stage_start, run_stage_main, seed_everything, trackers
@@ -179,7 +180,11 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
                 loss = model(input_ids=batch, labels=batch).loss / settings.gradient_accumulation_steps
                 accelerator.backward(loss)
             step_loss += loss.detach()
+        poison_gradients_if_requested(STAGE, step, model)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+        # The loss checked below comes from the weights before this update and cannot see a NaN gradient: checked
+        # here, or the step writes NaN weights that the next save keeps. One device sync a step.
+        require_finite_gradient_norms({"model": grad_norm}, STAGE, step + 1, "pretrain.learning_rate")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -188,7 +193,7 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
         saving = step % settings.save_steps == 0 or step == settings.max_steps
         if saving or step % settings.logging_steps == 0:
             loss_value = accelerator.reduce(step_loss, reduction="mean").item()
-            if not math.isfinite(loss_value):  # checked before any save, so no checkpoint holds NaN weights
+            if not math.isfinite(loss_value):
                 raise FloatingPointError(f"pretrain: loss became {loss_value} at step {step}; "
                                          f"the last good checkpoint is kept, lower pretrain.learning_rate and resume")
         if step % settings.logging_steps == 0 or step == settings.max_steps:
@@ -202,6 +207,7 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
             progress.set_postfix(loss=f"{loss_value:.3f}", **({"eval": f"{last_eval:.3f}"} if last_eval else {}))
         progress.update(1)
         if saving:
+            require_finite_weights({"model": model}, STAGE, step, accelerator)
             save_training_checkpoint(
                 accelerator, stage_dir, step, {"elapsed_s": elapsed_before + time.time() - started},
                 config.run.keep_last_checkpoints, write_extra=lambda staging: save_hf_model(
@@ -209,6 +215,7 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
     progress.close()
 
     final_dir = stage_dir / "final"
+    require_finite_weights({"model": model}, STAGE, step, accelerator)
     if accelerator.is_main_process:
         with atomic_directory(final_dir) as staging:
             save_hf_model(accelerator.unwrap_model(model), tokenizer, staging)

@@ -1,5 +1,5 @@
-"""Faults the pipeline must survive without losing work: NaN losses, disk full, read-only output, a save cut
-short. The long random-kill version is bench/faults.py; tests/pipeline/test_cli.py kills `rlhf run` once."""
+"""Faults the pipeline must survive without losing work: NaN losses and gradients, disk full, read-only output, a
+save cut short. The long random-kill version is bench/faults.py; tests/pipeline/test_cli.py kills `rlhf run` once."""
 
 import errno
 import shutil
@@ -8,7 +8,9 @@ import pytest
 
 from pipeline.checkpoints import COMPLETE_MARKER, OutputWriteError, latest_checkpoint
 from pipeline.config import ConfigError, load_config
-from pipeline.faults import NAN_VARIABLE
+from pipeline.faults import (
+    NAN_GRADIENT_VARIABLE, NAN_VARIABLE, poison_gradients_if_requested, require_finite_gradient_norms,
+    require_finite_weights)
 from pipeline.preflight import check_output_directory
 from tests.helpers import SMOKE, assert_identical_weights, environment, run_stage, stage_command
 
@@ -20,17 +22,83 @@ def last_error(result) -> str:
     return lines[-1]
 
 
-def run_with_nan(stage, step, *overrides):
+def run_with_nan(stage, step, *overrides, variable=NAN_VARIABLE):
     import subprocess
     from tests.helpers import REPO
-    return subprocess.run(stage_command(stage, *overrides), cwd=REPO, env={**environment(), NAN_VARIABLE: f"{stage}:{step}"},
+    return subprocess.run(stage_command(stage, *overrides), cwd=REPO, env={**environment(), variable: f"{stage}:{step}"},
                           capture_output=True, text=True, timeout=300)
+
+
+def stand_in_for_sft_and_reward(run) -> None:
+    """The pretrained smoke model as the finished SFT and reward stages' output, for PPO to start from."""
+    from pipeline.checkpoints import write_manifest
+
+    for stage in ("sft", "reward"):
+        shutil.copytree(run / "smoke" / "pretrain" / "final", run / "smoke" / stage / "final")
+        write_manifest(run / "smoke" / stage, stage=stage, status="finished")
+
+
+def assert_finite_checkpoint(checkpoint) -> None:
+    """Every tensor of every safetensors file of a checkpoint (Accelerate's state, and an HF model/ inside) is finite."""
+    import torch
+    from safetensors.torch import load_file
+
+    files = sorted(checkpoint.rglob("*.safetensors"))
+    assert files, f"no weights in {checkpoint}"
+    for path in files:
+        bad = [name for name, tensor in load_file(str(path)).items() if not torch.isfinite(tensor).all()]
+        assert not bad, f"{path}: non-finite {bad[:3]}"
+
+
+def test_finite_guards_name_the_model_and_the_step(monkeypatch):
+    import torch
+    from accelerate import Accelerator
+
+    model = torch.nn.Linear(3, 2)
+    model(torch.ones(1, 3)).sum().backward()
+    monkeypatch.setenv(NAN_GRADIENT_VARIABLE, "pretrain:4")
+    poison_gradients_if_requested("pretrain", 3, model)  # another step: nothing happens
+    poison_gradients_if_requested("ppo", 4, model)  # another stage: nothing happens
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    poison_gradients_if_requested("pretrain", 4, model)
+    assert torch.isnan(model.weight.grad).all() and torch.isfinite(model.weight).all()
+
+    require_finite_gradient_norms({"policy": torch.tensor(3.0), "critic": 1.0}, "ppo", 5, "ppo.learning_rate")
+    with pytest.raises(FloatingPointError, match=r"^ppo: the gradient norm of the critic became inf at step 5; the "
+                                                 r"optimizer step was skipped .*\(lower ppo.learning_rate and resume\)$"):
+        require_finite_gradient_norms({"policy": torch.tensor(3.0), "critic": torch.tensor(float("inf"))}, "ppo", 5,
+                                      "ppo.learning_rate")
+    from accelerate.state import AcceleratorState
+
+    accelerator = Accelerator(cpu=True)
+    try:
+        require_finite_weights({"model": model}, "pretrain", 7, accelerator)
+        with torch.no_grad():
+            model.bias[1] = float("nan")
+        with pytest.raises(FloatingPointError, match=r"^pretrain: the model's weights are not finite at step 7; "
+                                                     r"nothing was saved"):
+            require_finite_weights({"other": torch.nn.Linear(2, 2), "model": model}, "pretrain", 7, accelerator)
+    finally:  # Accelerate's state is process-wide; the stages run in-process later build their own
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_nan_gradient_in_pretraining_skips_the_step_and_saves_nothing(tmp_path):
+    """A NaN gradient at the step that ends on a save (20) leaves a finite loss: only the gradient norm can stop
+    the optimizer from writing NaN weights that checkpoint-20 would keep."""
+    broken = run_with_nan("pretrain", 19, f"run.output_dir={tmp_path}", variable=NAN_GRADIENT_VARIABLE)
+    assert broken.returncode == 1, broken.stderr[-2000:]
+    assert last_error(broken).startswith("error: pretrain: the gradient norm of the model became nan at step 20; "
+                                         "the optimizer step was skipped")
+    stage_dir = tmp_path / "smoke" / "pretrain"
+    assert latest_checkpoint(stage_dir).name == "checkpoint-10"
+    assert not (stage_dir / "checkpoint-20").exists() and not (stage_dir / "final").exists()
+    assert_finite_checkpoint(stage_dir / "checkpoint-10")
 
 
 def test_nan_loss_in_pretraining_stops_keeps_the_last_good_checkpoint_and_resumes(tmp_path):
     broken = run_with_nan("pretrain", 13, f"run.output_dir={tmp_path / 'b'}")
     assert broken.returncode == 1
-    assert "error: pretrain: loss became nan at step 15;" in last_error(broken)
+    assert "error: pretrain: the gradient norm of the model became nan at step 14;" in last_error(broken)
     stage_dir = tmp_path / "b" / "smoke" / "pretrain"
     assert latest_checkpoint(stage_dir).name == "checkpoint-10" and not (stage_dir / "final").exists()
     resumed = run_stage("pretrain", f"run.output_dir={tmp_path / 'b'}")
@@ -54,14 +122,29 @@ def test_nan_in_sft_leaves_no_poisoned_checkpoint(smoke_run):
 
 @pytest.mark.slow
 def test_nan_in_ppo_stops_before_saving(smoke_run):
-    for stage in ("sft", "reward"):
-        shutil.copytree(smoke_run / "smoke" / "pretrain" / "final", smoke_run / "smoke" / stage / "final")
+    stand_in_for_sft_and_reward(smoke_run)
     overrides = [f"run.output_dir={smoke_run}", "run.stages=[ppo]", "ppo.per_device_train_batch_size=4"]
     broken = run_with_nan("ppo", 4, *overrides)
     assert broken.returncode == 1, broken.stderr[-2000:]
     assert last_error(broken).startswith("error: ppo: ")
     assert latest_checkpoint(smoke_run / "smoke" / "ppo").name == "checkpoint-3"
     assert run_stage("ppo", *overrides).returncode == 0
+
+
+@pytest.mark.slow
+def test_nan_gradient_in_ppo_skips_the_step_and_saves_nothing(smoke_run):
+    """A NaN gradient in the last step (6, which ends on a checkpoint and the final save): the losses stay finite,
+    the gradient norm stops the run, checkpoint-3 stays the newest, with finite weights, and nothing is final."""
+    stand_in_for_sft_and_reward(smoke_run)
+    overrides = [f"run.output_dir={smoke_run}", "run.stages=[ppo]", "ppo.per_device_train_batch_size=4"]
+    broken = run_with_nan("ppo", 5, *overrides, variable=NAN_GRADIENT_VARIABLE)
+    assert broken.returncode == 1, broken.stderr[-2000:]
+    assert last_error(broken).startswith("error: ppo: the gradient norm of the policy became nan at step 6; "
+                                         "the optimizer step was skipped")
+    stage_dir = smoke_run / "smoke" / "ppo"
+    assert latest_checkpoint(stage_dir).name == "checkpoint-3"
+    assert not (stage_dir / "checkpoint-6").exists() and not (stage_dir / "final").exists()
+    assert_finite_checkpoint(stage_dir / "checkpoint-3")
 
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

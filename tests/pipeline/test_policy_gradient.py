@@ -12,8 +12,8 @@ from torch.testing import assert_close
 
 from pipeline.policy_gradient import (
     AdaptiveKLController, FixedKLController, clipped_policy_loss, clipped_value_loss, entropy_from_logits,
-    gae_advantages, kl_controller_from_config, kl_per_token, logprobs_of_tokens, masked_mean, masked_var,
-    masked_whiten, per_token_rewards, response_mask, truncate_after_eos)
+    gae_advantages, kl_controller_from_config, kl_per_token, logprobs_of_tokens, masked_mean, masked_sum, masked_var,
+    masked_whiten, minibatch_statistics, per_token_rewards, response_mask, token_share, truncate_after_eos)
 
 EOS, PAD = 2, 0
 NAN = float("nan")
@@ -253,7 +253,7 @@ def test_policy_loss_at_ratio_one_is_minus_the_mean_advantage_with_no_clipping()
     loss, stats = clipped_policy_loss(logprobs, logprobs.clone(), advantages, mask, clip_range=0.2)
     assert_close(loss, torch.tensor(-(1.0 - 3.0 + 0.5 + 2.5) / 4))
     assert stats["clipfrac"].item() == 0.0 and stats["approxkl"].item() == 0.0
-    assert stats["ratio_mean"].item() == 1.0 and stats["ratio_var"].item() == 0.0
+    assert stats["ratio_mean"].item() == 1.0 and minibatch_statistics([stats])["ratio_var"].item() == 0.0
 
 
 def test_policy_loss_on_a_hand_computed_case_clips_only_where_ppo_should():
@@ -274,8 +274,10 @@ def test_policy_loss_on_a_hand_computed_case_clips_only_where_ppo_should():
     log_ratios = [math.log(r) for r in ratios]
     assert_close(stats["approxkl"], torch.tensor(0.5 * sum(x * x for x in log_ratios) / 4))
     assert_close(stats["ratio_mean"], torch.tensor(0.9))
-    assert_close(stats["ratio_var"], torch.tensor((0.36 + 0.16 + 0.04 + 0.16) / 3))  # unbiased, over 4 tokens
+    assert_close(stats["ratio_square_mean"], torch.tensor((2.25 + 0.25 + 1.21 + 0.25) / 4))
     assert all(not value.requires_grad and value.dim() == 0 for value in stats.values())
+    # population variance over the 4 tokens, from the moments
+    assert_close(minibatch_statistics([stats])["ratio_var"], torch.tensor((0.36 + 0.16 + 0.04 + 0.16) / 4))
 
     loss.backward()
     # d/dlogπ of −A·ratio is −A·ratio; clipped tokens and padding get no gradient at all.
@@ -301,6 +303,62 @@ def test_policy_loss_log_ratio_is_clamped_so_nothing_overflows():
     assert torch.isfinite(loss) and torch.isfinite(logprobs.grad).all()
     assert all(torch.isfinite(value) for value in stats.values())
     assert_close(stats["ratio_mean"], torch.tensor((math.exp(20) + math.exp(-20)) / 2))
+
+
+def test_masked_sum_and_token_share_by_hand():
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    values = poisoned(tensor([[1.0, 2.0, 0.0], [4.0, 0.0, 0.0]]), mask, NAN)
+    assert masked_sum(values, mask).item() == 7.0
+    assert masked_sum(values, mask, dim=1).tolist() == [3.0, 4.0]
+    assert_close(token_share(values, mask), torch.tensor(7.0 / 3))  # its own count: the masked mean
+    assert_close(token_share(values, mask, token_count=10), torch.tensor(0.7))
+    assert_close(token_share(values, mask, token_count=torch.tensor(10)), torch.tensor(0.7))
+    assert token_share(values, torch.zeros_like(mask), token_count=0).item() == 0.0  # no token: 0, not NaN
+
+
+def test_micro_batch_shares_add_up_to_the_minibatch_token_mean_whatever_the_split():
+    # A long row (4 tokens) and a short one (1 token). As one batch every token weighs 1/5. Split into two
+    # micro-batches that each take their own mean, the short row's token would weigh 1/2 (times 1/2 for the
+    # accumulation) = 1/4 and each long-row token 1/8: the length bias. Normalised by the minibatch's 5 tokens,
+    # the split changes nothing, for the losses, their gradients and the statistics.
+    mask = torch.tensor([[True, True, True, True], [True, False, False, False]])
+    old_logprobs = tensor([[-1.0, -2.0, -0.5, -3.0], [-1.5, NAN, NAN, NAN]])
+    ratios = tensor([[1.5, 0.5, 1.1, 0.9], [1.3, 1.0, 1.0, 1.0]])
+    advantages = tensor([[2.0, -1.0, 1.0, -0.5], [1.0, 1e9, 1e9, 1e9]])
+    old_values = tensor([[0.5, 0.5, 0.4, 0.1], [0.2, 0.0, 0.0, 0.0]])
+    returns = tensor([[0.0, 2.0, 0.35, 0.3], [1.0, 0.0, 0.0, 0.0]])
+
+    def losses(rows, token_count):
+        logprobs = (old_logprobs[rows] + torch.log(ratios[rows])).detach().requires_grad_()
+        values = tensor([[1.0, 1.0, 0.3, 0.2], [0.1, 0, 0, 0]])[rows].requires_grad_()
+        policy_loss, policy_stats = clipped_policy_loss(logprobs, old_logprobs[rows], advantages[rows], mask[rows], 0.2,
+                                                        token_count=token_count)
+        value_loss, value_stats = clipped_value_loss(values, old_values[rows], returns[rows], mask[rows], 0.2,
+                                                     token_count=token_count)
+        (policy_loss + value_loss).backward()
+        return policy_loss, value_loss, logprobs.grad, values.grad, {**policy_stats, **value_stats}
+
+    whole_policy, whole_value, policy_grad, value_grad, whole_stats = losses([0, 1], None)
+    # by hand, max(−A·r, −A·clip(r, 0.8, 1.2)) per token: −2.4 (clipped), 0.8 (clipped), −1.1, 0.45; −1.2 (clipped)
+    assert_close(whole_policy, torch.tensor((-2.4 + 0.8 - 1.1 + 0.45 - 1.2) / 5))
+    long, short = losses([0], 5), losses([1], 5)
+    assert_close(long[0] + short[0], whole_policy)
+    assert_close(long[1] + short[1], whole_value)
+    assert_close(torch.cat([long[2], short[2]]), policy_grad)
+    assert_close(torch.cat([long[3], short[3]]), value_grad)
+    assert short[2][0, 0].item() == 0.0  # clipped: no gradient
+    assert_close(long[2][0, 2], torch.tensor(-1.0 * 1.1 / 5))  # the weight is 1/5, not 1/4 of the long row
+
+    combined, alone = minibatch_statistics([long[4], short[4]]), minibatch_statistics([whole_stats])
+    assert combined.keys() == alone.keys() == {"clipfrac", "approxkl", "ratio_mean", "ratio_var", "vf_clipfrac"}
+    for key in combined:
+        assert_close(combined[key], alone[key], msg=key)
+    assert_close(combined["ratio_mean"], torch.tensor((1.5 + 0.5 + 1.1 + 0.9 + 1.3) / 5))
+    assert_close(combined["ratio_var"], torch.tensor((0.44 ** 2 + 0.56 ** 2 + 0.04 ** 2 + 0.16 ** 2 + 0.24 ** 2) / 5))
+    assert_close(combined["clipfrac"], torch.tensor(3 / 5))
+    # The mean per micro-batch, as before: the short row's token counts four times one of the long row.
+    biased_policy = (losses([0], None)[0] + losses([1], None)[0]) / 2
+    assert not torch.allclose(biased_policy, whole_policy)
 
 
 # ---------------------------------------------------------------- clipped value loss

@@ -1,5 +1,7 @@
-"""PPO end to end on tiny models: the first-minibatch invariant, a learnable signal, exact resume."""
+"""PPO end to end on tiny models: the first-minibatch invariant (fp32 and bf16), the critic's units, a minibatch
+gradient independent of its split, the optimizer's settings, a learnable signal, exact resume."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -8,8 +10,8 @@ import torch
 
 import stages.ppo as ppo
 from pipeline.batches import left_pad
-from pipeline.checkpoints import COMPLETE_MARKER, read_manifest
-from pipeline.config import PPOSection, load_config
+from pipeline.checkpoints import COMPLETE_MARKER, read_manifest, write_manifest
+from pipeline.config import ConfigError, PeftSection, PPOSection, load_config
 from pipeline.policy_gradient import masked_mean
 from stages.pretrain import run_pretraining
 from tests.helpers import SMOKE, assert_identical_weights, run_and_kill_when, run_stage
@@ -26,13 +28,13 @@ def pretrained_run(tmp_path_factory):
     AcceleratorState._reset_state(reset_partial_state=True)
     for stage in ("sft", "reward"):
         shutil.copytree(final, root / "smoke" / stage / "final")
+        write_manifest(root / "smoke" / stage, stage=stage, status="finished")  # as a finished stage leaves it
     return root
 
 
 def fresh_copy(pretrained_run: Path, tmp_path: Path) -> Path:
-    shutil.copytree(pretrained_run / "smoke" / "data", tmp_path / "smoke" / "data")
-    for stage in ("sft", "reward"):
-        shutil.copytree(pretrained_run / "smoke" / stage / "final", tmp_path / "smoke" / stage / "final")
+    for part in ("data", "sft", "reward"):
+        shutil.copytree(pretrained_run / "smoke" / part, tmp_path / "smoke" / part)
     return tmp_path
 
 
@@ -49,10 +51,11 @@ def test_left_pad_puts_prompts_against_the_response():
     assert ppo.position_ids_of(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
 
 
-def build_models(run_dir: Path, settings: PPOSection):
+def build_models(run_dir: Path, settings: PPOSection, mixed_precision: str = "no"):
     from accelerate import Accelerator
 
     from data.tokenizer import load_tokenizer
+    from pipeline.models import attention_for_precision
     from reward_model import RewardNormalization, load_reward_model
     from trl.trainer.utils import disable_dropout_in_model
 
@@ -63,20 +66,37 @@ def build_models(run_dir: Path, settings: PPOSection):
     policy, reference = ppo.build_policy(config, policy_path, tokenizer)
     critic = ppo.build_critic(config, policy_path, run_dir / "smoke" / "reward" / "final", tokenizer)
     reward_model, _ = load_reward_model(str(run_dir / "smoke" / "reward" / "final"))
+    accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
     for model in (policy, reference, critic, reward_model):
-        disable_dropout_in_model(model)
-    accelerator = Accelerator(cpu=True)
+        if model is not None:  # the LoRA policy is its own reference
+            disable_dropout_in_model(model)
+            attention_for_precision(model, mixed_precision == "bf16", accelerator.device)
     return accelerator, tokenizer, policy, reference, critic, reward_model, RewardNormalization()
 
 
-def test_first_minibatch_of_first_epoch_has_ratio_exactly_one(pretrained_run):
-    settings = PPOSection(per_device_train_batch_size=4, gradient_accumulation_steps=2, response_length=12)
-    accelerator, tokenizer, policy, reference, critic, reward_model, normalization = build_models(pretrained_run, settings)
+@pytest.mark.parametrize("mixed_precision, lora", [("no", False), ("bf16", False), ("bf16", True)],
+                         ids=["fp32", "bf16", "bf16-lora"])
+def test_first_minibatch_of_first_epoch_has_ratio_exactly_one(pretrained_run, mixed_precision, lora):
+    """Before any update the policy is the reference and the sampler: KL 0, ratio 1, nothing clipped. Under bf16
+    too, through ppo_update as run_ppo calls it: `prepare` puts the policy's forward under autocast, so the
+    reference (a separate model, or the LoRA policy with its adapter off) and the reward model must run under it."""
+    settings = PPOSection(per_device_train_batch_size=4, gradient_accumulation_steps=2, response_length=12,
+                          num_ppo_epochs=1, peft=PeftSection() if lora else None)
+    accelerator, tokenizer, policy, reference, critic, reward_model, normalization = build_models(
+        pretrained_run, settings, mixed_precision)
+    assert (reference is None) == lora
+    policy_optimizer = ppo.build_optimizer(policy.parameters(), settings.learning_rate, settings)
+    critic_optimizer = ppo.build_optimizer(critic.parameters(), settings.value_learning_rate, settings)
+    policy, critic, policy_optimizer, critic_optimizer = accelerator.prepare(
+        policy, critic, policy_optimizer, critic_optimizer)
+    reward_model = ppo.frozen_on_device(reward_model, accelerator)
+    reference = ppo.frozen_on_device(reference, accelerator) if reference is not None else None
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Write a short story about {n}."}],
                                              add_generation_prompt=True, return_dict=True)["input_ids"]
                for n in ("Mia", "Tom and a fox", "Ben", "Lily at the park", "Sam", "Anna", "Max", "Zoe")]
     queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
     torch.manual_seed(0)
+    policy.eval(), critic.eval()
     rollout = ppo.generate_rollout(policy, tokenizer, queries, query_mask, settings, accelerator)
     assert rollout.responses.shape[1] <= 12
     after_eos = ~rollout.mask
@@ -84,14 +104,165 @@ def test_first_minibatch_of_first_epoch_has_ratio_exactly_one(pretrained_run):
     experience, statistics = ppo.score_rollout(rollout, policy, reference, critic, reward_model, normalization,
                                               0.05, settings, accelerator)
     assert abs(statistics["objective/kl"].item()) < 1e-6  # policy == reference before any update
-    policy.train()
-    critic.train()
-    context = queries.shape[1]
-    first = ppo.micro_batch_loss(policy, critic, experience, torch.arange(4), context, settings, accelerator)
+    assert masked_mean(experience.advantages, experience.mask).abs().item() < 1e-5  # whitened
+    policy.train(), critic.train()
+    # One epoch of one minibatch (two micro-batches): what ppo_update reports is the first minibatch's.
+    first = ppo.ppo_update(policy, critic, policy_optimizer, critic_optimizer, experience, settings, accelerator,
+                           torch.Generator().manual_seed(0))
     assert first["val/ratio"].item() == pytest.approx(1.0, abs=1e-6)
+    assert first["val/ratio_var"].item() == pytest.approx(0.0, abs=1e-10)
     assert first["policy/approxkl_avg"].item() == pytest.approx(0.0, abs=1e-10)
     assert first["policy/clipfrac_avg"].item() == 0.0
-    assert masked_mean(experience.advantages, experience.mask).abs().item() < 1e-5  # whitened
+
+
+class RecordingOptimizer:
+    """Stands in for AdamW: keeps the gradient each step would apply, and applies nothing."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.parameters, self.steps = list(model.parameters()), []
+
+    def step(self):
+        self.steps.append(flat_gradient(self.parameters))
+
+    def zero_grad(self, set_to_none: bool = True):
+        for parameter in self.parameters:
+            parameter.grad = None
+
+
+def flat_gradient(parameters) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in parameters])
+
+
+def tiny_policy_critic_and_experience() -> tuple[torch.nn.Module, ppo.ValueModel, ppo.Experience]:
+    """A random 2-layer policy and critic, and a rollout of 8 left-padded prompts with responses of 1 to 8 tokens,
+    old logprobs and values near the models' own (so some tokens clip), random advantages and returns."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0,
+                         num_labels=1)
+    torch.manual_seed(0)
+    policy, critic = LlamaForCausalLM(config), ppo.ValueModel(LlamaForSequenceClassification(config))
+    prompt_lengths, response_lengths = [3, 6, 2, 5, 4, 6, 1, 3], [8, 1, 5, 2, 7, 3, 6, 4]
+    context, width = max(prompt_lengths), max(response_lengths)
+    queries = left_pad([torch.randint(3, 40, (n,)).tolist() for n in prompt_lengths], 0)
+    mask = torch.arange(width)[None, :] < torch.tensor(response_lengths)[:, None]
+    responses = torch.randint(3, 40, (8, width)).masked_fill(~mask, 0)
+    sequences, attention_mask = torch.cat([queries[0], responses], 1), torch.cat([queries[1], mask.long()], 1)
+    with torch.no_grad():
+        logits = ppo.response_logits(policy, sequences, attention_mask, context)
+        logprobs = ppo.logprobs_of_tokens(logits, responses)
+        values = critic(sequences, attention_mask, ppo.position_ids_of(attention_mask))[:, context - 1: -1]
+
+    def noisy(tensor, scale):
+        return (tensor + scale * torch.randn_like(tensor)).masked_fill(~mask, 0.0)
+
+    experience = ppo.Experience(sequences, attention_mask, mask, noisy(logprobs, 0.3), noisy(values, 0.3),
+                                noisy(torch.zeros_like(values), 1.0), noisy(torch.zeros_like(values), 1.0))
+    return policy, critic, experience
+
+
+def test_minibatch_gradient_is_the_same_for_any_split_and_order_of_micro_batches():
+    """Each micro-batch's token sums go over the minibatch's token count: 1, 2 or 4 micro-batches, any order and any
+    grouping give the gradient of one token mean over the minibatch (a mean per micro-batch would weigh a token
+    of the one-token response like 8 tokens of the longest)."""
+    from accelerate import Accelerator
+
+    policy, critic, experience = tiny_policy_critic_and_experience()
+    accelerator = Accelerator(cpu=True)
+    context = experience.sequences.shape[1] - experience.mask.shape[1]
+    gradients = {}
+    for split in (1, 2, 4):
+        settings = PPOSection(per_device_train_batch_size=8 // split, gradient_accumulation_steps=split,
+                              num_ppo_epochs=1, max_grad_norm=1e9)
+        for seed in (0, 1) if split > 1 else (0,):
+            policy_optimizer, critic_optimizer = RecordingOptimizer(policy), RecordingOptimizer(critic)
+            ppo.ppo_update(policy, critic, policy_optimizer, critic_optimizer, experience, settings, accelerator,
+                           torch.Generator().manual_seed(seed))
+            gradients[f"{split} micro-batches, order {seed}"] = torch.cat([policy_optimizer.steps[0],
+                                                                          critic_optimizer.steps[0]])
+    # Any grouping and order, through micro_batch_loss itself: uneven sizes, long and short responses mixed.
+    settings = PPOSection(num_ppo_epochs=1)
+    for groups in ([[5, 0, 3], [7], [1, 2, 6, 4]], [[6, 1], [4, 7, 0, 2, 5, 3]], [[3], [2], [1], [0, 4, 5, 6, 7]]):
+        for model in (policy, critic):
+            model.zero_grad(set_to_none=True)
+        for group in groups:
+            ppo.micro_batch_loss(policy, critic, experience, torch.tensor(group), experience.mask.sum(), context,
+                                 settings, accelerator)
+        gradients[str(groups)] = torch.cat([flat_gradient(policy.parameters()), flat_gradient(critic.parameters())])
+    reference = gradients.pop("1 micro-batches, order 0")
+    assert reference.norm() > 0
+    for name, gradient in gradients.items():
+        assert (gradient - reference).norm() <= 1e-5 * reference.norm(), name
+
+
+def test_critic_starts_at_the_normalised_score_of_the_reward_model(tiny_causal_lm, tmp_path):
+    """At step 0 the critic's value at each response's EOS is (score − μ)/σ, the reward PPO gives that sequence,
+    not the raw score; the folded head (bias included) is what a checkpoint saves and a resume loads."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.policy_gradient import response_mask
+    from reward_model import RewardNormalization, load_reward_model, score_token_ids
+
+    torch.manual_seed(0)
+    reward_model, tokenizer = load_reward_model(tiny_causal_lm)
+    reward_dir = tmp_path / "reward"
+    reward_model.save_pretrained(reward_dir)
+    tokenizer.save_pretrained(reward_dir)
+    normalization = RewardNormalization(mean=0.7, std=2.5)
+    normalization.save(reward_dir)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    queries, query_mask = left_pad([[5, 6, 7], [8], [9, 10]], pad)
+    responses = torch.tensor([[11, 12, eos, pad], [13, eos, pad, pad], [14, 15, 16, 17]])  # the last never ends
+    mask, last_index, _ = response_mask(responses, eos)
+    sequences, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, mask.long()], 1)
+    score_position = queries.shape[1] + last_index
+    rows = torch.arange(3)
+    reward_model = load_reward_model(reward_dir)[0].eval()
+
+    config = load_config(SMOKE)
+    critic = ppo.build_critic(config, str(tiny_causal_lm), reward_dir, tokenizer).eval()
+    with torch.no_grad():
+        raw = score_token_ids(reward_model, sequences, attention_mask)
+        values = critic(sequences, attention_mask, ppo.position_ids_of(attention_mask))
+    assert (normalization.apply(raw) - raw).abs().min() > 0.1  # a critic left in raw units fails below
+    torch.testing.assert_close(values[rows, score_position], normalization.apply(raw), rtol=1e-5, atol=1e-6)
+
+    resumed = ppo.ValueModel(AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1)).eval()
+    resumed.load_state_dict(critic.state_dict())  # strict: the head's bias is part of the state
+    with torch.no_grad():
+        assert torch.equal(resumed(sequences, attention_mask, ppo.position_ids_of(attention_mask)), values)
+
+    config.ppo.normalize_reward = False  # PPO is rewarded with raw scores then: so is the critic
+    raw_critic = ppo.build_critic(config, str(tiny_causal_lm), reward_dir, tokenizer).eval()
+    with torch.no_grad():
+        raw_values = raw_critic(sequences, attention_mask, ppo.position_ids_of(attention_mask))
+    torch.testing.assert_close(raw_values[rows, score_position], raw, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_settings_follow_trl_and_are_validated():
+    """TRL's PPOConfig defaults: no weight decay (torch's AdamW would decay by 0.01 unasked) and a linear decay of
+    the learning rate to 0 over max_steps, a function of the step so that a resumed run matches."""
+    settings = PPOSection(max_steps=4)
+    assert settings.weight_decay == 0.0 and settings.lr_scheduler_type == "linear"
+    assert [ppo.learning_rate_scale(step, settings) for step in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    constant = PPOSection(max_steps=4, lr_scheduler_type="constant")
+    assert [ppo.learning_rate_scale(step, constant) for step in range(4)] == [1.0] * 4
+
+    policy, critic, _ = tiny_policy_critic_and_experience()
+    optimizer = ppo.build_optimizer(critic.parameters(), 1e-4, settings)
+    assert all(group["weight_decay"] == 0.0 and group["eps"] == 1e-5 for group in optimizer.param_groups)
+    optimizer = ppo.build_optimizer(policy.parameters(), 1e-4, PPOSection(weight_decay=0.05))
+    decayed, kept = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.05 and all(p.dim() == 2 for p in decayed["params"])
+    assert kept["weight_decay"] == 0.0 and kept["params"] and all(p.dim() == 1 for p in kept["params"])
+    assert len(decayed["params"]) + len(kept["params"]) == len(list(policy.parameters()))
+
+    assert load_config(SMOKE, ["ppo.weight_decay=0.01", "ppo.lr_scheduler_type=constant"]).ppo.weight_decay == 0.01
+    with pytest.raises(ConfigError, match=r"^ppo\.weight_decay: must not be negative, got -0\.1$"):
+        load_config(SMOKE, ["ppo.weight_decay=-0.1"])
+    with pytest.raises(ConfigError, match=r"^ppo\.lr_scheduler_type: must be one of linear, constant; got 'cosine'$"):
+        load_config(SMOKE, ["ppo.lr_scheduler_type=cosine"])
 
 
 def test_learnable_signal_raises_reward_with_bounded_kl(pretrained_run, monkeypatch):
@@ -148,5 +319,90 @@ def test_sigkill_then_resume_gives_identical_policy_critic_and_metrics(pretraine
     assert_identical_weights(a / "final", b / "final")
     assert_identical_weights(a / "checkpoint-6", b / "checkpoint-6", "model_1.safetensors")  # the critic
     assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+    rates = [json.loads(line)["lr"] for line in (a / "metrics.jsonl").read_text().splitlines()]
+    assert rates == pytest.approx([PPOSection().learning_rate * (1 - step / 6) for step in range(6)])  # linear decay
     manifest = read_manifest(a)
     assert manifest["status"] == "finished" and manifest["steps"] == 6
+
+
+STORY_PROMPTS = ("Mia", "Tom and a fox", "Ben", "Lily at the park", "Sam", "Anna", "Max", "Zoe")
+
+
+def test_a_checkpoint_generation_config_leaves_the_first_ppo_step_exact(pretrained_run, tmp_path):
+    """A real chat checkpoint's generation_config.json (repetition_penalty 1.3) must not reach the rollout: the
+    samples are the ones a hand-written sampler from π at the temperature draws with the same seed, and the first
+    minibatch's KL is 0 and its ratio 1."""
+    from transformers import GenerationConfig
+
+    from pipeline.policy_gradient import logprobs_of_tokens
+    from pipeline.rollout import cut_at_first_eos, draw_from
+    from tests.helpers import sample_from_pi_by_hand
+
+    run = fresh_copy(pretrained_run, tmp_path)
+    policy_dir = run / "smoke" / "sft" / "final"
+    generation = GenerationConfig.from_pretrained(policy_dir)
+    generation.repetition_penalty = 1.3
+    generation.save_pretrained(policy_dir)
+    settings = PPOSection(per_device_train_batch_size=4, gradient_accumulation_steps=2, response_length=12)
+    accelerator, tokenizer, policy, reference, critic, reward_model, normalization = build_models(run, settings)
+    assert policy.generation_config.repetition_penalty == 1.3
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Write a short story about {n}."}],
+                                             add_generation_prompt=True, return_dict=True)["input_ids"]
+               for n in STORY_PROMPTS]
+    queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    rollout = ppo.generate_rollout(policy, tokenizer, queries, query_mask, settings, accelerator)
+    torch.manual_seed(0)
+    by_hand, by_hand_mask = cut_at_first_eos(
+        sample_from_pi_by_hand(policy, queries, query_mask, settings.temperature, settings.response_length,
+                               tokenizer.eos_token_id, tokenizer.pad_token_id, settings.local_rollout_forward_batch_size,
+                               draw=draw_from),
+        tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert torch.equal(rollout.responses, by_hand) and torch.equal(rollout.mask, by_hand_mask)
+
+    experience, statistics = ppo.score_rollout(rollout, policy, reference, critic, reward_model, normalization,
+                                              0.05, settings, accelerator)
+    assert abs(statistics["objective/kl"].item()) < 1e-6
+    policy.train()
+    logits = ppo.response_logits(policy, experience.sequences, experience.attention_mask, queries.shape[1])
+    new_logprobs = logprobs_of_tokens(logits, rollout.responses, settings.temperature)
+    ratio = torch.exp(new_logprobs - experience.old_logprobs)[experience.mask]
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-6)
+
+
+def test_compare_scores_and_kl_equal_what_ppo_gives_the_same_ids(pretrained_run):
+    """`rlhf compare` scores a sample's token ids as PPO scored them (a truncated response stays truncated, no
+    EOS added) and its KL to the SFT policy is PPO's k1 against the reference."""
+    from pipeline.compare import chat_prompt_ids, policy_samples, sample_policy
+    from pipeline.policy_gradient import response_mask
+    from pipeline.rollout import prompt_response_batch
+    from reward_model import RewardNormalization
+
+    settings = PPOSection(per_device_train_batch_size=4, gradient_accumulation_steps=2, response_length=10,
+                          missing_eos_penalty=None)
+    accelerator, tokenizer, policy, reference, critic, reward_model, _ = build_models(pretrained_run, settings)
+    normalization = RewardNormalization(mean=0.3, std=2.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in policy.parameters():  # a "PPO" policy a little away from the SFT one: KL ≠ 0
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    texts = [f"Write a short story about {n}." for n in STORY_PROMPTS[:6]]
+    samples = [s for s in policy_samples({"sft": reference, "ppo": policy}, tokenizer, reward_model, normalization,
+                                         texts, 1, settings.temperature, settings.response_length, seed=4,
+                                         builtin=False) if s.policy == "ppo"]
+    prompt_ids = [chat_prompt_ids(tokenizer, t) for t in texts]
+    drawn = sample_policy(policy, tokenizer, prompt_ids, 1, settings.temperature, settings.response_length, seed=4)
+    assert [len(ids) for _, ids in drawn] == [s.length for s in samples]
+    truncated = [tokenizer.eos_token_id not in ids for _, ids in drawn]
+    assert any(truncated)
+    policy.eval()
+    for sample, (index, ids) in zip(samples, drawn):
+        sequences, attention_mask, mask = prompt_response_batch([prompt_ids[index]], [ids], tokenizer.pad_token_id)
+        context = len(prompt_ids[index])
+        _, last_index, contains_eos = response_mask(sequences[:, context:], tokenizer.eos_token_id)
+        rollout = ppo.Rollout(sequences[:, :context], attention_mask[:, :context], sequences[:, context:], mask,
+                              mask.sum(1) - 1, contains_eos)
+        _, statistics = ppo.score_rollout(rollout, policy, reference, critic, reward_model, normalization, 0.05,
+                                          settings, accelerator)
+        assert sample.reward == pytest.approx(statistics["objective/scores"].item(), abs=1e-5)
+        assert sample.kl_to_sft == pytest.approx(statistics["objective/kl"].item(), abs=1e-4)
