@@ -1,10 +1,18 @@
-"""Seconds per PPO step, split into rollout / scoring / optimisation, in fp32 and bf16 autocast; and the peak
-RSS of PPO next to SFT-style training of the same model, full and LoRA.
+"""Seconds per PPO step of our stage's code path (stages/ppo.py: generate_rollout, score_rollout, ppo_update),
+split into rollout / scoring / optimisation; optionally the peak RSS of PPO next to SFT-style training of the
+same model, full and LoRA.
 
-The issue's reference setup (2-core CPU): Llama 4 layers × 128 wide, batch 64, 48-token responses, 4 PPO
-epochs, one minibatch of 64 in 4 micro-batches of 16. TRL 0.19's PPOTrainer took 3.7 s/step there.
+The defaults are issue 13's anchor setup, the one bench/trl_ppo_step.py runs with TRL 0.19.1's PPOTrainer
+(bench/compare_trl.sh runs both, alternately): vocabulary 4096, Llama 4 layers × 128 wide, 2 heads, FFN 320,
+batch 64 random 24-token prompts, 48-token responses, 4 PPO epochs of one minibatch in 4 micro-batches, fp32.
+The first step warms up and is not timed.
 
-    python bench/ppo_step.py [--steps 5] [--layers 4] [--width 128] [--batch 64] [--response-length 48]
+    python bench/ppo_step.py [--dtype bf16] [--steps 5] [--vocab-size 4096] [--layers 4] [--hidden-size 128]
+                             [--heads 2] [--ffn 320] [--prompt-length 24] [--batch 64] [--response-length 48]
+                             [--epochs 4] [--minibatches 1] [--micro-batches 4]
+    python bench/ppo_step.py --memory        # peak RSS: PPO vs SFT-style training, full and LoRA
+
+Prints a readable line, then the same as one JSON line.
 """
 
 from __future__ import annotations
@@ -12,53 +20,70 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.batches import left_pad  # noqa: E402
-from pipeline.models import attention_for_precision  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from side_by_side import (  # noqa: E402
+    PPOBenchShape, add_shape_arguments, llama_models, machine_description, random_prompts, shape_from_arguments,
+    special_tokens_tokenizer)
 
 
-def build(arguments, lora: bool):
-    """Tokenizer, policy, reference, critic and reward model of the given size, randomly initialised."""
-    from transformers import LlamaForSequenceClassification
+def ppo_settings(shape: PPOBenchShape):
+    """Our PPOSection for the shape, with the anchor's PPO settings (temperature 1, missing-EOS penalty 1)."""
+    from pipeline.config import PPOSection
 
-    from data.builtin_datasets import prompts
-    from data.builtin_task import pretraining_stories
-    from data.tokenizer import train_bpe_tokenizer
-    from pipeline.config import ModelSection, PeftSection, PPOSection
-    from pipeline.models import build_llama_from_config
+    return PPOSection(per_device_train_batch_size=shape.micro_batch_size,
+                      gradient_accumulation_steps=shape.micro_batches, num_mini_batches=shape.minibatches,
+                      num_ppo_epochs=shape.epochs, response_length=shape.response_length,
+                      local_rollout_forward_batch_size=shape.batch, missing_eos_penalty=1.0, temperature=1.0,
+                      kl_coef=0.05, bf16=shape.dtype == "bf16")
 
-    tokenizer = train_bpe_tokenizer(pretraining_stories(0, 3000), 2048)
-    section = ModelSection(num_hidden_layers=arguments.layers, hidden_size=arguments.width,
-                           num_attention_heads=max(1, arguments.width // 32),
-                           intermediate_size=int(arguments.width * 2.75))
-    policy = build_llama_from_config(section, tokenizer, seed=0)
-    reference = None
+
+def prepared_models(shape: PPOBenchShape, lora: bool, accelerator) -> dict:
+    """The four models of bench/side_by_side.py, set up as stages/ppo.py's run_ppo sets up its own: policy and
+    critic as one prepared PolicyAndValue with one optimizer, the reward model behind a RewardScorer."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    import stages.ppo as ppo
+    from pipeline.engines import PolicyAndValue, configure_deepspeed, place_frozen_model
+    from pipeline.models import attention_for_precision, configure_generation
+
+    tokenizer = special_tokens_tokenizer()
+    models = llama_models(shape, tokenizer)
+    policy, reference = models["policy"], models["reference"]
+    configure_generation(policy, tokenizer)
     if lora:
         from peft import LoraConfig, get_peft_model
+
+        from pipeline.config import PeftSection
+
         peft = PeftSection()
-        policy = get_peft_model(policy, LoraConfig(r=peft.r, lora_alpha=peft.lora_alpha,
+        policy = get_peft_model(policy, LoraConfig(r=peft.r, lora_alpha=peft.lora_alpha, lora_dropout=0.0,
                                                    target_modules=peft.target_modules, task_type="CAUSAL_LM"))
-    else:
-        reference = build_llama_from_config(section, tokenizer, seed=0)
-    classifier_config = build_llama_from_config(section, tokenizer, seed=1).config
-    classifier_config.num_labels = 1
-    critic = __import__("stages.ppo", fromlist=["ValueModel"]).ValueModel(LlamaForSequenceClassification(classifier_config))
-    reward_model = LlamaForSequenceClassification(classifier_config).eval()
-    settings = PPOSection(per_device_train_batch_size=arguments.batch // 4, gradient_accumulation_steps=4,
-                          num_mini_batches=1, num_ppo_epochs=4, response_length=arguments.response_length,
-                          local_rollout_forward_batch_size=arguments.batch, missing_eos_penalty=None)
-    texts = [tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
-             for row in prompts(0, arguments.batch)]
-    return tokenizer, policy, reference, critic, reward_model, settings, texts
+        reference = None  # as in the stage: the policy with its adapter disabled
+    critic, reward_model = ppo.ValueModel(models["value"]), models["reward"]
+    for model in (policy, reference, critic, reward_model):
+        if model is not None:
+            disable_dropout_in_model(model)
+            attention_for_precision(model, accelerator.mixed_precision == "bf16", accelerator.device)
+    settings = ppo_settings(shape)
+    model = PolicyAndValue(policy, critic)
+    optimizer = ppo.build_optimizer(model, settings)
+    configure_deepspeed(accelerator, settings.per_device_train_batch_size, settings.gradient_accumulation_steps,
+                        settings.max_grad_norm)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return {"tokenizer": tokenizer, "model": model, "optimizer": optimizer, "settings": settings,
+            "reward_scorer": place_frozen_model(ppo.RewardScorer(reward_model), accelerator),
+            "reference": place_frozen_model(reference, accelerator) if reference is not None else None}
 
 
 def synchronize() -> None:
@@ -66,105 +91,118 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def ppo_steps(arguments) -> dict:
+def time_ppo_steps(shape: PPOBenchShape, lora: bool = False) -> dict:
+    """Mean seconds of each phase over shape.steps PPO steps after one warm-up step, and the mean response
+    length (responses that end at EOS early are cheaper, so it must be equal to compare with TRL)."""
     from accelerate import Accelerator
 
     import stages.ppo as ppo
     from reward_model import RewardNormalization
 
-    tokenizer, policy, reference, critic, reward_model, settings, texts = build(arguments, arguments.lora)
-    accelerator = Accelerator(mixed_precision="bf16" if arguments.dtype == "bf16" else "no")
-    for model in (policy, reference, critic, reward_model):  # as the stage does
-        if model is not None:
-            attention_for_precision(model, arguments.dtype == "bf16", accelerator.device)
-    reward_model = ppo.frozen_on_device(reward_model, accelerator)
-    reference = ppo.frozen_on_device(reference, accelerator) if reference is not None else None
-    policy_optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
-    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=1e-5)
-    policy, critic, policy_optimizer, critic_optimizer = accelerator.prepare(policy, critic, policy_optimizer,
-                                                                             critic_optimizer)
-    queries, query_mask = left_pad(texts, tokenizer.pad_token_id)
-    queries, query_mask = queries.to(accelerator.device), query_mask.to(accelerator.device)
-    phases = {"rollout": [], "scoring": [], "optimisation": []}
-    for step in range(arguments.steps + 1):  # the first step warms up and is not counted
+    accelerator = Accelerator(mixed_precision="bf16" if shape.dtype == "bf16" else "no")
+    parts = prepared_models(shape, lora, accelerator)
+    model, optimizer, settings, tokenizer = parts["model"], parts["optimizer"], parts["settings"], parts["tokenizer"]
+    prompts = random_prompts(shape).to(accelerator.device)
+    torch.manual_seed(0)  # sampling draws from the global generator, as in the stage
+    phases: dict[str, list[float]] = {"rollout": [], "scoring": [], "optimisation": []}
+    steps, lengths = [], []
+    for step in range(shape.steps + 1):
+        queries = prompts[step * shape.batch: (step + 1) * shape.batch]
         synchronize()
         began = time.perf_counter()
-        policy.eval(), critic.eval()
-        rollout = ppo.generate_rollout(policy, tokenizer, queries, query_mask, settings, accelerator)
+        model.eval()
+        rollout = ppo.generate_rollout(model, tokenizer, queries, torch.ones_like(queries), settings, accelerator)
         synchronize()
         generated = time.perf_counter()
-        experience, _ = ppo.score_rollout(rollout, policy, reference, critic, reward_model, RewardNormalization(),
-                                         0.05, settings, accelerator)
+        experience, _ = ppo.score_rollout(rollout, model, parts["reference"], parts["reward_scorer"],
+                                         RewardNormalization(), settings.kl_coef, settings, accelerator)
         synchronize()
         scored = time.perf_counter()
-        policy.train(), critic.train()
-        ppo.ppo_update(policy, critic, policy_optimizer, critic_optimizer, experience, settings, accelerator,
-                       torch.Generator().manual_seed(step))
+        model.train()
+        ppo.ppo_update(model, optimizer, experience, settings, accelerator, torch.Generator().manual_seed(step), step)
         synchronize()
         done = time.perf_counter()
+        lengths.append(rollout.mask.sum(1).float().mean().item())
         if step > 0:
+            steps.append(done - began)
             for name, seconds in zip(phases, (generated - began, scored - generated, done - scored)):
                 phases[name].append(seconds)
-    result = {name: round(sum(v) / len(v), 3) for name, v in phases.items()}
-    result["seconds_per_step"] = round(sum(result.values()), 3)
-    result["response_tokens"] = int(rollout.mask.sum(1).float().mean())
-    return result
+    return {"steps_timed": len(steps), "sec_per_step": round(statistics.mean(steps), 3),
+            **{name: round(statistics.mean(values), 3) for name, values in phases.items()},
+            "mean_response_tokens": round(statistics.mean(lengths), 2)}
 
 
-def sft_steps(arguments) -> dict:
-    """SFT-style training of the same policy (micro-batch of 16 prompt+response sequences, AdamW)."""
-    tokenizer, policy, _, _, _, settings, texts = build(arguments, arguments.lora)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy = attention_for_precision(policy, arguments.dtype == "bf16", device).to(device)
+def sft_steps(shape: PPOBenchShape, lora: bool) -> torch.nn.Module:
+    """SFT-style training of the same policy alone (micro-batches of prompt+response sequences, AdamW, as many
+    optimizer steps as the PPO run takes); returns the trained policy."""
+    from accelerate import Accelerator
+
+    from pipeline.models import attention_for_precision
+
+    accelerator = Accelerator(mixed_precision="bf16" if shape.dtype == "bf16" else "no")
+    policy = llama_models(shape, special_tokens_tokenizer())["policy"]
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        from pipeline.config import PeftSection
+
+        peft = PeftSection()
+        policy = get_peft_model(policy, LoraConfig(r=peft.r, lora_alpha=peft.lora_alpha, lora_dropout=0.0,
+                                                   target_modules=peft.target_modules, task_type="CAUSAL_LM"))
+    attention_for_precision(policy, shape.dtype == "bf16", accelerator.device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
-    width = max(len(t) for t in texts) + arguments.response_length
-    batch = torch.randint(0, len(tokenizer), (settings.per_device_train_batch_size, width), device=device)
-    for _ in range(arguments.steps):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=arguments.dtype == "bf16"):
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randint(2, shape.vocab_size, (shape.micro_batch_size, shape.prompt_length + shape.response_length),
+                          generator=generator).to(accelerator.device)
+    for _ in range(shape.steps * shape.epochs * shape.minibatches):
+        for _ in range(shape.micro_batches):
             loss = policy(input_ids=batch, labels=batch).loss
-        loss.backward()
+            accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
-    return {}
+    return accelerator.unwrap_model(policy)
 
 
-def run_child(arguments, job: str, dtype: str, lora: bool) -> dict:
-    command = [sys.executable, __file__, "--child", job, "--dtype", dtype, "--steps", str(arguments.steps),
-               "--layers", str(arguments.layers), "--width", str(arguments.width), "--batch", str(arguments.batch),
-               "--response-length", str(arguments.response_length)] + (["--lora"] if lora else [])
+def shape_flags(shape: PPOBenchShape) -> list[str]:
+    """Command-line flags that reproduce a shape."""
+    return [part for name, value in asdict(shape).items() for part in ("--" + name.replace("_", "-"), str(value))]
+
+
+def peak_rss_of_child(shape: PPOBenchShape, job: str, lora: bool) -> int:
+    """One measurement per process: ru_maxrss and Accelerate's state are per process."""
+    command = [sys.executable, __file__, "--child", job, *shape_flags(shape)] + (["--lora"] if lora else [])
     output = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    return json.loads(output.strip().splitlines()[-1])["peak_rss_mb"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--response-length", type=int, default=48)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--lora", action="store_true")
-    parser.add_argument("--child", choices=["ppo", "sft"])
+    add_shape_arguments(parser)
+    parser.add_argument("--memory", action="store_true", help="peak RSS of PPO vs SFT-style training instead")
+    parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["ppo", "sft"], help=argparse.SUPPRESS)
     arguments = parser.parse_args()
-    if arguments.child:  # one measurement per process: Accelerate's state and ru_maxrss are per process
-        result = ppo_steps(arguments) if arguments.child == "ppo" else sft_steps(arguments)
-        result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        if torch.cuda.is_available():
-            result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20)
-        print(json.dumps(result))
+    shape = shape_from_arguments(arguments)
+    if arguments.child:
+        if arguments.child == "ppo":
+            time_ppo_steps(shape, arguments.lora)
+        else:
+            sft_steps(shape, arguments.lora)
+        print(json.dumps({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
         return
-    setup = {"layers": arguments.layers, "width": arguments.width, "batch": arguments.batch,
-             "response_length": arguments.response_length, "ppo_epochs": 4, "micro_batches": 4,
-             "threads": torch.get_num_threads()}
-    print(json.dumps({"setup": setup}))
-    for dtype in ("fp32", "bf16"):
-        print(json.dumps({"dtype": dtype, **run_child(arguments, "ppo", dtype, lora=False)}))
-    for lora in (False, True):
-        ppo_rss = run_child(arguments, "ppo", "fp32", lora)["peak_rss_mb"]
-        sft_rss = run_child(arguments, "sft", "fp32", lora)["peak_rss_mb"]
-        print(json.dumps({"memory": "lora" if lora else "full", "ppo_peak_rss_mb": ppo_rss,
-                          "sft_peak_rss_mb": sft_rss, "ratio": round(ppo_rss / sft_rss, 2)}))
+    if arguments.memory:
+        for lora in (False, True):
+            ppo_rss, sft_rss = peak_rss_of_child(shape, "ppo", lora), peak_rss_of_child(shape, "sft", lora)
+            print(json.dumps({"memory": "lora" if lora else "full", **asdict(shape), **machine_description(),
+                              "ppo_peak_rss_mb": ppo_rss, "sft_peak_rss_mb": sft_rss,
+                              "ratio": round(ppo_rss / sft_rss, 2)}))
+        return
+    result = {"impl": "ours", **asdict(shape), **machine_description(), **time_ppo_steps(shape)}
+    print(f"ours ({shape.dtype}): {result['sec_per_step']:.3f} s/step = rollout {result['rollout']:.3f} + scoring "
+          f"{result['scoring']:.3f} + optimisation {result['optimisation']:.3f}; mean response "
+          f"{result['mean_response_tokens']:.2f} tokens")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
