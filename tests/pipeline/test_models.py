@@ -33,3 +33,35 @@ def test_a_wrapped_model_is_switched_and_the_choice_is_not_saved(tiny_causal_lm,
     reloaded = load_causal_lm(tmp_path)
     assert reloaded.config._attn_implementation == "sdpa"
     assert count_parameters(reloaded) == count_parameters(merged)
+
+
+def test_library_notices_a_user_cannot_act_on_are_hidden_and_only_those(tmp_path, caplog):
+    import logging
+    import warnings
+
+    from accelerate import Accelerator
+    from accelerate.utils import clean_state_dict_for_safetensors
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from pipeline.models import quiet_library_warnings
+
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, tie_word_embeddings=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_library_warnings()
+        # TRL 1.16's SFTConfig and RewardConfig pass the name transformers 5 renamed, whatever the user set
+        assert TrainingArguments(output_dir=str(tmp_path), gradient_checkpointing=True).activation_checkpointing
+        warnings.warn("something else is deprecated", FutureWarning)
+    assert [str(w.message) for w in caught] == ["something else is deprecated"]
+
+    with caplog.at_level(logging.WARNING):
+        accelerator = Accelerator(cpu=True)
+        model = accelerator.prepare(tied)
+        accelerator.save_state(tmp_path / "state")
+        assert "Removed shared tensor" not in caplog.text
+        shared = torch.zeros(3)
+        clean_state_dict_for_safetensors({"encoder.weight": shared, "decoder.weight": shared})
+        assert "Removed shared tensor {'decoder.weight'}" in caplog.text  # not a tied output embedding: still said
+    accelerator.load_state(tmp_path / "state")
+    assert model.lm_head.weight is model.model.embed_tokens.weight

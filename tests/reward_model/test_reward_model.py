@@ -4,8 +4,8 @@ from safetensors.torch import load_file
 
 from data.formats import prompt_response_ids
 from reward_model import (
-    RewardNormalization, load_reward_model, pairwise_accuracy, pairwise_loss, right_padded, score_responses,
-    score_token_ids)
+    RewardNormalization, classifier_scores, load_reward_model, pairwise_accuracy, pairwise_loss, preference_calibration,
+    right_padded, score_responses, score_token_ids)
 
 
 def test_load_keeps_the_sft_backbone_and_adds_one_output_head(tiny_causal_lm):
@@ -37,6 +37,29 @@ def test_scores_read_the_eos_whatever_the_padding_side(tiny_causal_lm):
     assert torch.allclose(texts, alone, atol=1e-5)
 
 
+def test_training_scores_read_the_eos_when_pad_is_eos(tiny_causal_lm):
+    """With pad == EOS (SmolLM2, Llama 3 fine-tunes) the classifier's own pooling stops one token short of the
+    EOS; classifier_scores reads the EOS, also through a LoRA wrapper, and gradients reach the head."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_reward_model(tiny_causal_lm)
+    model.config.pad_token_id = tokenizer.eos_token_id
+    sequences = [prompt_response_ids(tokenizer, "Hi", "Sure! Mia had a red kite."), prompt_response_ids(tokenizer, "Hi", "No.")]
+    ids, mask = right_padded(sequences, tokenizer.eos_token_id)
+    model.eval()
+    with torch.no_grad():
+        alone = torch.cat([score_token_ids(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
+                           for s in sequences])
+        assert torch.allclose(classifier_scores(model, ids, mask), alone, atol=1e-5)
+        assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits.squeeze(-1), alone, atol=1e-3)
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    scores = classifier_scores(wrapped, ids, mask)
+    assert torch.allclose(scores, alone, atol=1e-5)  # LoRA's B starts at 0: the same function
+    scores.sum().backward()
+    head = next(p for name, p in wrapped.named_parameters() if "score" in name and p.requires_grad)
+    assert head.grad is not None and head.grad.abs().sum() > 0
+
+
 def test_pairwise_loss_margin_weights_and_accuracy():
     chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
     logsigmoid = torch.nn.functional.logsigmoid
@@ -57,3 +80,29 @@ def test_normalization_round_trip(tmp_path):
     assert (tmp_path / "reward_normalization.json").is_file()
     assert RewardNormalization.load(tmp_path) == normalization
     assert RewardNormalization.load(tmp_path / "none") == RewardNormalization(0.0, 1.0)
+
+
+def test_preference_calibration_bins_both_orders_of_each_pair():
+    log3 = torch.log(torch.tensor(3.0)).item()
+    # σ of the score gaps: 0.75, 0.5, 0.25; the third pair's chosen response is in fact the worse one
+    calibration = preference_calibration(torch.tensor([log3, 0.0, 0.0]), torch.tensor([0.0, 0.0, log3]),
+                                         torch.tensor([True, True, False]), bins=2)
+    low, high = calibration["bins"]
+    # both orders: predicted (0.75, 0.5, 0.25, 0.25, 0.5, 0.75), observed (1, 1, 0, 0, 0, 1)
+    assert (low["count"], low["mean_predicted"], low["observed"]) == (2, pytest.approx(0.25), 0.0)
+    assert (high["count"], high["mean_predicted"], high["observed"]) == (4, pytest.approx(0.625), 0.75)
+    assert (low["low"], low["high"], high["high"]) == (0.0, 0.5, 1.0)
+    assert calibration["expected_calibration_error"] == pytest.approx(2 / 6 * 0.25 + 4 / 6 * 0.125)
+
+
+def test_preference_calibration_against_the_labels_themselves():
+    undecided = preference_calibration(torch.zeros(4), torch.zeros(4))  # p = 0.5, and each pair counts both ways
+    assert undecided["expected_calibration_error"] == pytest.approx(0.0)
+    assert [b["count"] for b in undecided["bins"]] == [0] * 5 + [8] + [0] * 4
+    assert undecided["bins"][0]["mean_predicted"] is None and undecided["bins"][0]["observed"] is None
+    confident = torch.full((4,), 20.0)
+    assert preference_calibration(confident, torch.zeros(4))["expected_calibration_error"] == pytest.approx(0.0, abs=1e-6)
+    half_wrong = preference_calibration(confident, torch.zeros(4), torch.tensor([True, False, True, False]))
+    assert half_wrong["expected_calibration_error"] == pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(ValueError, match="3 chosen but 2 rejected"):
+        preference_calibration(torch.zeros(3), torch.zeros(2))

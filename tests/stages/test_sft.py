@@ -1,9 +1,11 @@
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pipeline.checkpoints import COMPLETE_MARKER, read_manifest
 from pipeline.config import load_config
@@ -13,28 +15,79 @@ from tests.helpers import SMOKE, assert_identical_weights, run_and_kill_when, ru
 FEW_STEPS = ["sft.max_steps=4", "sft.save_steps=2", "sft.eval_steps=4", "sft.logging_steps=2"]
 
 
-def test_loss_is_on_assistant_tokens_only(tiny_causal_lm, tmp_path):
-    """The labels SFTTrainer collates from the stage's own arguments are -100 on every prompt token."""
-    from datasets import Dataset
+CHATML = Path(__file__).parents[1] / "data" / "chat_templates" / "smollm2.jinja"
+
+
+def collated_labels(tokenizer, dialogues: list[list[dict]], tmp_path) -> dict:
+    """The batch SFTTrainer collates from the stage's own dataset and arguments."""
     from trl import SFTTrainer
 
-    from data.tokenizer import load_tokenizer
     from pipeline.hf_trainer import trainer_arguments
-    from pipeline.models import load_causal_lm
+    from stages.sft import training_dataset
+
+    config = load_config(SMOKE, [f"run.output_dir={tmp_path}"])
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    trainer = SFTTrainer(model=model, processing_class=tokenizer,
+                         args=trainer_arguments(config, "sft", tmp_path, has_eval=False, assistant_only_loss=False),
+                         train_dataset=training_dataset([{"messages": d} for d in dialogues], tokenizer, True, "tiny"))
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(len(dialogues))])
+
+
+def test_loss_is_on_assistant_tokens_only(tiny_causal_lm, tmp_path):
+    """The labels SFTTrainer collates from the stage's own dataset are -100 on every prompt token."""
+    from data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_causal_lm)
-    config = load_config(SMOKE, [f"run.output_dir={tmp_path}"])
     messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Where did Tom go?"},
                 {"role": "assistant", "content": "Tom went to the park."}]
-    trainer = SFTTrainer(model=load_causal_lm(tiny_causal_lm, tokenizer), processing_class=tokenizer,
-                         args=trainer_arguments(config, "sft", tmp_path, has_eval=False),
-                         train_dataset=Dataset.from_list([{"messages": messages}]))
-    batch = trainer.data_collator([trainer.train_dataset[0]])
+    batch = collated_labels(tokenizer, [messages], tmp_path)
     labels, ids = batch["labels"][0], batch["input_ids"][0]
     prompt_length = len(tokenizer.apply_chat_template(messages[:2], add_generation_prompt=True, return_dict=True)["input_ids"])
     assert (labels[:prompt_length] == -100).all()
     assert torch.equal(labels[prompt_length:], ids[prompt_length:])
     assert tokenizer.decode(ids[prompt_length:]) == "Tom went to the park.<|end|>"  # learning to stop, too
+
+
+def test_end_of_turn_is_learned_when_pad_is_eos(tmp_path):
+    """A ChatML template without {% generation %} markers and pad == EOS (SmolLM2's layout): each answer's
+    <|im_end|> is a label in both a short and a padded row; the padding after it is not."""
+    from data.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(["Where did Tom go? Tom went to the park. Hi!"] * 20, 300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
+    tokenizer.chat_template = CHATML.read_text()
+    short = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hi!"}]
+    long = [{"role": "user", "content": "Where did Tom go?"}, {"role": "assistant", "content": "Tom went to the park."}]
+    batch = collated_labels(tokenizer, [short, long], tmp_path)
+    for row, answer in ((0, "Hi!"), (1, "Tom went to the park.")):
+        labels, mask = batch["labels"][row], batch["attention_mask"][row]
+        assert tokenizer.decode(labels[labels != -100]) == answer + "<|im_end|>"
+        assert (labels[mask == 0] == -100).all()
+    assert (batch["attention_mask"][0] == 0).any()  # the short row was padded, with the EOS id itself
+
+
+def test_a_template_that_cannot_be_masked_stops_before_training(tiny_causal_lm, tmp_path):
+    """Mistral v0.3 moves the system message into the last user turn: one line naming the model, no checkpoint."""
+    from data.tokenizer import load_tokenizer
+    from pipeline.config import ConfigError
+
+    model_dir = tmp_path / "mistral-like"
+    shutil.copytree(tiny_causal_lm, model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    tokenizer.chat_template = (CHATML.parent / "mistral-v0.3-abridged.jinja").read_text()
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "sft.jsonl"
+    row = {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi!"},
+                        {"role": "assistant", "content": "Hi!"}]}
+    data.write_text((json.dumps(row) + "\n") * 4)
+    overrides = [f"run.output_dir={tmp_path}", f"model.name_or_path={model_dir}", f"tokenizer.name_or_path={model_dir}",
+                 "run.stages=[sft]", f"data.sft.path={data}", "data.sft.eval_fraction=0.5"]
+    with pytest.raises(ConfigError, match=rf"^sft\.assistant_only_loss: the chat template of {re.escape(str(model_dir))} cannot be "
+                                          r"masked: .* changes earlier turns .*assistant_only_loss=false"):
+        run_sft(load_config(SMOKE, overrides))
+    assert not list((tmp_path / "smoke").glob("sft/checkpoint-*"))
 
 
 def test_smoke_sft_writes_a_loadable_model_manifest_metrics_and_samples(smoke_run):
