@@ -16,7 +16,7 @@ from pathlib import Path
 
 from data.loading import DataError
 from pipeline.config import STAGES, ConfigError, load_config
-from pipeline.stage import set_offline_mode
+from pipeline.stage import quiet_transformers, set_offline_mode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         add_sampling_arguments(command)
 
     arguments = parser.parse_args(argv)
+    if arguments.command in ("compare", "generate", "chat"):  # they load models in this process
+        quiet_transformers()
     try:
         return COMMANDS[arguments.command](arguments)
     except (ConfigError, DataError) as error:
