@@ -36,8 +36,11 @@ def poison_gradients_if_requested(stage: str, step: int, model: torch.nn.Module)
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:
-    # One flag per tensor, stacked: a single device-to-host sync, not one per parameter.
-    flags = [torch.isfinite(p).all() for p in model.parameters()]
+    # One flag per tensor, stacked: a single device-to-host sync, not one per parameter. Under FSDP2 and ZeRO-3 a
+    # process checks the shard it holds (require_finite_weights sums the flags over processes).
+    from pipeline.engines import local_values
+
+    flags = [torch.isfinite(local_values(p)).all() for p in model.parameters()]
     return bool(torch.stack(flags).all()) if flags else True
 
 

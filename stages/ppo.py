@@ -7,6 +7,11 @@ reference policy (experience), compute per-token rewards and GAE advantages, the
 clipped policy and value updates over shuffled minibatches. The details that decide whether PPO works are
 listed in ../shared/PPO_NOTES.md; the math lives in pipeline/policy_gradient.py.
 
+Engines (pipeline/engines.py): the policy and the value model train as one PolicyAndValue with one AdamW (policy
+and critic learning rates in its parameter groups), because DeepSpeed and FSDP2 prepare one model; its gradient
+norm is clipped as one, as DeepSpeed clips. The reference and the reward model are placed as TRL places them,
+generation gathers sharded weights, and the final policy is gathered on every process before the main one writes.
+
 Exact resume: checkpoints are taken only between steps, so no rollout buffer is saved. The prompt order and
 the minibatch order are pure functions of (seed, step, epoch); sampling uses the global torch RNG, whose
 state Accelerate saves per process; β and the step go in trainer_state.json; the learning rates are a function
@@ -16,7 +21,6 @@ finite before every save, so no checkpoint ever holds NaN.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -27,7 +31,6 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification
-from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model
 
 from data.builtin_datasets import write_builtin_task
@@ -36,19 +39,20 @@ from data.formats import prompts_from_rows
 from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer
 from pipeline.batches import epoch_order, left_pad
-from pipeline.checkpoints import (
-    MetricsLog, atomic_directory, read_trainer_state, save_training_checkpoint, write_manifest)
 from pipeline.config import ConfigError, PipelineConfig, PPOSection
+from pipeline.custom_loop import CustomLoop
+from pipeline.engines import (
+    PolicyAndValue, accumulation_boundary, backward, clipped_gradient_norm, configure_deepspeed, engine_of,
+    gathered_if_partitioned, place_frozen_model, policy_for_generation, save_final_model)
 from pipeline.faults import (
     poison_gradients_if_requested, poison_weights_if_requested, require_finite_gradient_norms, require_finite_weights)
-from pipeline.models import attention_for_precision, count_parameters, load_causal_lm, save_hf_model
+from pipeline.models import attention_for_precision, count_parameters, load_causal_lm
 from pipeline.policy_gradient import (
     clipped_policy_loss, clipped_value_loss, entropy_from_logits, gae_advantages, kl_controller_from_config,
     kl_per_token, logprobs_of_tokens, masked_mean, masked_whiten, minibatch_statistics, per_token_rewards,
     response_mask)
 from pipeline.rollout import sample_batch, sampling_config
-from pipeline.stage import (
-    bf16_enabled, plan_stage_start, run_stage_main, seed_everything, stage_input_model, trackers)
+from pipeline.stage import run_stage_main, seed_everything, stage_input_model
 from reward_model import RewardNormalization, load_reward_model, score_token_ids
 
 STAGE = "ppo"
@@ -116,7 +120,7 @@ def head_in_reward_units(head: torch.nn.Linear, normalization: RewardNormalizati
     bias, and the critic needs one to carry −μ/σ; the bias trains with the rest (saved in every checkpoint)."""
     biased = torch.nn.Linear(head.in_features, head.out_features, bias=True, device=head.weight.device,
                              dtype=head.weight.dtype)
-    with torch.no_grad():
+    with torch.no_grad(), gathered_if_partitioned(list(head.parameters())):
         bias = head.bias if head.bias is not None else torch.zeros_like(biased.bias)
         biased.weight.copy_(head.weight / normalization.std)
         biased.bias.copy_((bias - normalization.mean) / normalization.std)
@@ -161,6 +165,29 @@ def response_logits(policy, sequences, attention_mask, context_length: int) -> t
     return logits[:, :-1]
 
 
+def response_logits_and_values(model: PolicyAndValue, sequences, attention_mask, context_length: int,
+                               values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`response_logits` of the policy and the values at the same positions (each response token's value is read at
+    the token before it), from one forward through the prepared PolicyAndValue; `values=False` skips the critic."""
+    response_length = sequences.shape[1] - context_length
+    logits, per_token_values = model(sequences, attention_mask, position_ids_of(attention_mask),
+                                     logits_to_keep=response_length + 1, values=values)
+    return logits[:, :-1], per_token_values[:, context_length - 1: -1] if values else None
+
+
+class RewardScorer(torch.nn.Module):
+    """The reward model as one module whose forward scores token ids (`score_token_ids`): under FSDP2 a model's
+    weights are gathered by its own forward, not by calls into its backbone and head."""
+
+    def __init__(self, reward_model: torch.nn.Module):
+        super().__init__()
+        self.reward_model = reward_model
+        self.config = reward_model.config  # TRL's prepare_deepspeed sizes ZeRO-3 buckets from it
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return score_token_ids(self.reward_model, input_ids, attention_mask)
+
+
 # ---------------------------------------------------------------- experience
 @dataclass
 class Experience:
@@ -184,10 +211,12 @@ class Rollout:
 
 
 @torch.no_grad()
-def generate_rollout(policy, tokenizer, queries, query_mask, settings: PPOSection, accelerator: Accelerator) -> Rollout:
-    """Sample responses with the KV cache; cut each at its first EOS."""
+def generate_rollout(model: PolicyAndValue, tokenizer, queries, query_mask, settings: PPOSection,
+                     accelerator: Accelerator) -> Rollout:
+    """Sample responses from the policy of the prepared PolicyAndValue with the KV cache, its weights gathered
+    where the engine shards them; cut each at its first EOS."""
     # One autocast context around all decoding steps: the policy's bf16 weights are cast once, not once a token.
-    with unwrap_model_for_generation(policy, accelerator) as generator, accelerator.autocast():
+    with policy_for_generation(model, accelerator) as generator, accelerator.autocast():
         try:
             responses, _ = sample_responses(generator, queries, query_mask, settings, tokenizer)
         except RuntimeError as error:
@@ -200,10 +229,13 @@ def generate_rollout(policy, tokenizer, queries, query_mask, settings: PPOSectio
 
 
 @torch.no_grad()
-def score_rollout(rollout: Rollout, policy, reference, critic, reward_model, normalization, kl_value: float,
-                  settings: PPOSection, accelerator: Accelerator) -> tuple[Experience, dict[str, torch.Tensor]]:
+def score_rollout(rollout: Rollout, model: PolicyAndValue, reference, reward_scorer: RewardScorer, normalization,
+                  kl_value: float, settings: PPOSection, accelerator: Accelerator
+                  ) -> tuple[Experience, dict[str, torch.Tensor]]:
     """Old logprobs, reference logprobs, values and scores by no-grad forwards through the training code path
-    (not `generate`'s scores, which differ under bf16 autocast); then per-token rewards and GAE advantages."""
+    (not `generate`'s scores, which differ under bf16 autocast); then per-token rewards and GAE advantages.
+    `reference` is None for a LoRA policy: the policy with its adapter off. Every process runs the same number of
+    forwards (chunks of equally many rollouts), as sharded engines need."""
     context_length, chunk, mask = rollout.queries.shape[1], settings.local_rollout_forward_batch_size, rollout.mask
     sequences = torch.cat([rollout.queries, rollout.responses], dim=1)
     attention_mask = torch.cat([rollout.query_mask, mask.long()], dim=1)
@@ -211,20 +243,21 @@ def score_rollout(rollout: Rollout, policy, reference, critic, reward_model, nor
     for i in range(0, len(sequences), chunk):
         part, part_mask = sequences[i: i + chunk], attention_mask[i: i + chunk]
         part_responses = rollout.responses[i: i + chunk]
-        logits = response_logits(policy, part, part_mask, context_length)
-        logprobs.append(logprobs_of_tokens(logits, part_responses, settings.temperature))
-        entropies.append(entropy_from_logits(logits, settings.temperature))
-        # `prepare` wrapped the policy's and the critic's forward in autocast, not the frozen reference's and
-        # reward model's: under bf16 they need the same context, or the KL at step 0 measures precision, not policy.
+        # Under DDP `prepare` wraps the PolicyAndValue's forward in autocast, not the frozen models'; under FSDP2
+        # nothing does (its mixed-precision policy casts the weights). Every forward runs in the same context, or
+        # under bf16 the KL at step 0 measures precision, not policy (micro_batch_loss does the same).
         with accelerator.autocast():
+            logits, part_values = response_logits_and_values(model, part, part_mask, context_length)
             if reference is None:
-                with accelerator.unwrap_model(policy).disable_adapter():
-                    ref_logits = response_logits(policy, part, part_mask, context_length)
+                with accelerator.unwrap_model(model).policy.disable_adapter():
+                    ref_logits, _ = response_logits_and_values(model, part, part_mask, context_length, values=False)
             else:
                 ref_logits = response_logits(reference, part, part_mask, context_length)
-            scores.append(score_token_ids(reward_model, part, part_mask))
+            scores.append(reward_scorer(part, part_mask))
+        logprobs.append(logprobs_of_tokens(logits, part_responses, settings.temperature))
+        entropies.append(entropy_from_logits(logits, settings.temperature))
         ref_logprobs.append(logprobs_of_tokens(ref_logits, part_responses, settings.temperature))
-        values.append(critic(part, part_mask, position_ids_of(part_mask))[:, context_length - 1: -1])
+        values.append(part_values)
     logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
     values, raw_scores, entropy = torch.cat(values), torch.cat(scores).float(), torch.cat(entropies)
 
@@ -271,13 +304,19 @@ def learning_rate_scale(step: int, settings: PPOSection) -> float:
     return 1.0 - step / settings.max_steps
 
 
-def build_optimizer(parameters, learning_rate: float, settings: PPOSection) -> torch.optim.AdamW:
-    """AdamW with eps 1e-5 (N+ details) and ppo.weight_decay on weight matrices only: biases and norm gains keep
-    their scale, as TRL leaves them out of decay."""
-    trainable = [p for p in parameters if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": settings.weight_decay},
-              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, eps=1e-5)
+def build_optimizer(model: PolicyAndValue, settings: PPOSection) -> torch.optim.AdamW:
+    """One AdamW for policy and critic (the engines prepare one optimizer), eps 1e-5 (N+ details): the policy's
+    parameters at ppo.learning_rate, the critic's at ppo.value_learning_rate (each group's `peak_lr`, scaled per
+    step by `learning_rate_scale`), ppo.weight_decay on weight matrices only: biases and norm gains keep their
+    scale, as TRL leaves them out of decay."""
+    groups = []
+    for part, peak in ((model.policy, settings.learning_rate), (model.value_model, settings.value_learning_rate)):
+        trainable = [p for p in part.parameters() if p.requires_grad]
+        groups += [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": settings.weight_decay},
+                   {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+        for group in groups[-2:]:
+            group.update(lr=peak, peak_lr=peak)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.learning_rate, eps=1e-5)
 
 
 # The minibatch statistics, under the names TRL's PPOTrainer logs them with.
@@ -286,10 +325,11 @@ LOGGED_NAMES = {"policy_loss": "loss/policy_avg", "value_loss": "loss/value_avg"
                 "vf_clipfrac": "val/clipfrac_avg"}
 
 
-def ppo_update(policy, critic, policy_optimizer, critic_optimizer, experience: Experience, settings: PPOSection,
+def ppo_update(model: PolicyAndValue, optimizer, experience: Experience, settings: PPOSection,
                accelerator: Accelerator, generator: torch.Generator, step: int = 0) -> dict[str, torch.Tensor]:
-    """num_ppo_epochs passes of shuffled minibatches, each of gradient_accumulation_steps micro-batches. `step`
-    (from 0) names the PPO iteration in errors and in fault injection."""
+    """num_ppo_epochs passes of shuffled minibatches, each of gradient_accumulation_steps micro-batches and one
+    optimizer step, the gradient norm of policy and critic together clipped to ppo.max_grad_norm. `step` (from 0)
+    names the PPO iteration in errors and in fault injection."""
     context_length = experience.sequences.shape[1] - experience.mask.shape[1]
     local_batch = len(experience.sequences)
     minibatch = local_batch // settings.num_mini_batches
@@ -302,37 +342,30 @@ def ppo_update(policy, critic, policy_optimizer, critic_optimizer, experience: E
             minibatch_indices = order[start: start + minibatch]
             # Each micro-batch's token sums are divided by the minibatch's valid-token count, so the minibatch's
             # gradient is its token mean whatever the split; hence sequences of similar length can share a
-            # micro-batch (less padding to compute on). Under DDP each process divides by its own minibatch's
-            # count and DDP averages the processes' gradients: tokens weigh equally within a process and the
-            # processes equally, as in TRL and OpenRLHF, without an all-reduce of the count per minibatch.
+            # micro-batch (less padding to compute on). Under DDP (FSDP2, DeepSpeed) each process divides by its
+            # own minibatch's count and the engine averages the processes' gradients: tokens weigh equally within a
+            # process and the processes equally, as in TRL and OpenRLHF, without an all-reduce of the count.
             minibatch_indices = minibatch_indices[torch.argsort(real_lengths[minibatch_indices], stable=True)]
             token_count = experience.mask[minibatch_indices].sum()
             shares = []
             for micro_start in range(0, minibatch, micro):
                 indices = minibatch_indices[micro_start: micro_start + micro]
-                last_micro = micro_start + micro >= minibatch
-                sync = contextlib.nullcontext() if last_micro else _no_sync(accelerator, policy, critic)
-                with sync:
-                    shares.append(micro_batch_loss(policy, critic, experience, indices, token_count, context_length,
+                with accumulation_boundary(accelerator, model, last_micro_batch=micro_start + micro >= minibatch):
+                    shares.append(micro_batch_loss(model, experience, indices, token_count, context_length,
                                                    settings, accelerator))
-            poison_gradients_if_requested(STAGE, step, accelerator.unwrap_model(policy))
-            policy_norm = accelerator.clip_grad_norm_(policy.parameters(), settings.max_grad_norm)
-            critic_norm = accelerator.clip_grad_norm_(critic.parameters(), settings.max_grad_norm)
-            require_finite_gradient_norms({"policy": policy_norm, "critic": critic_norm}, STAGE, step + 1,
-                                          "ppo.learning_rate")
-            policy_optimizer.step()
-            critic_optimizer.step()
-            policy_optimizer.zero_grad(set_to_none=True)
-            critic_optimizer.zero_grad(set_to_none=True)
+            poison_gradients_if_requested(STAGE, step, accelerator.unwrap_model(model))
+            grad_norm = clipped_gradient_norm(accelerator, model, settings.max_grad_norm)
+            require_finite_gradient_norms({"policy and critic": grad_norm}, STAGE, step + 1, "ppo.learning_rate")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             statistics = {LOGGED_NAMES[key]: value for key, value in minibatch_statistics(shares).items()}
-            statistics.update({"policy/grad_norm": policy_norm.detach().float(),
-                               "val/grad_norm": critic_norm.detach().float()})
+            statistics["grad_norm"] = grad_norm
             for key, value in statistics.items():
                 totals.setdefault(key, []).append(value)
     return {key: torch.stack(values).mean() for key, values in totals.items()}
 
 
-def micro_batch_loss(policy, critic, experience: Experience, indices, token_count: torch.Tensor | int,
+def micro_batch_loss(model: PolicyAndValue, experience: Experience, indices, token_count: torch.Tensor | int,
                      context_length: int, settings: PPOSection, accelerator: Accelerator) -> dict[str, torch.Tensor]:
     """Backward of one micro-batch's share of its minibatch's loss (token sums over the minibatch's `token_count`
     valid tokens); returns its shares of the loss terms and statistics (see `minibatch_statistics`)."""
@@ -346,48 +379,37 @@ def micro_batch_loss(policy, critic, experience: Experience, indices, token_coun
     attention_mask = attention_mask[:, first_real: context_length + response_width]
     mask = mask[:, :response_width]
     context_length -= first_real
-    logits = response_logits(policy, sequences, attention_mask, context_length)
+    with accelerator.autocast():  # as in score_rollout: the old logprobs came from the same context
+        logits, values = response_logits_and_values(model, sequences, attention_mask, context_length)
     logprobs = logprobs_of_tokens(logits, sequences[:, context_length:], settings.temperature)
     width = mask.shape[1]
     policy_loss, policy_stats = clipped_policy_loss(logprobs, experience.old_logprobs[indices, :width],
                                                     experience.advantages[indices, :width], mask, settings.cliprange,
                                                     token_count=token_count)
-    values = critic(sequences, attention_mask, position_ids_of(attention_mask))[:, context_length - 1: -1]
     value_loss, value_stats = clipped_value_loss(values, experience.old_values[indices, :width],
                                                  experience.returns[indices, :width], mask, settings.cliprange_value,
                                                  token_count=token_count)
-    accelerator.backward(policy_loss + settings.vf_coef * value_loss)
+    backward(accelerator, policy_loss + settings.vf_coef * value_loss)
     return {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(), **policy_stats, **value_stats}
-
-
-@contextlib.contextmanager
-def _no_sync(accelerator: Accelerator, *models):
-    """DDP all-reduces after every backward; only the last micro-batch of a minibatch needs it."""
-    with contextlib.ExitStack() as stack:
-        for model in models:
-            stack.enter_context(accelerator.no_sync(model))
-        yield
 
 
 # ---------------------------------------------------------------- the stage
 def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
     """Optimise the SFT policy against the reward model; return the directory of the final policy."""
     settings = config.ppo
-    accelerator = Accelerator(mixed_precision="bf16" if bf16_enabled(settings.bf16) else "no",
-                              log_with=trackers(settings.report_to), project_dir=str(config.run_dir / STAGE))
-    start = plan_stage_start(config, STAGE, restart, accelerator.is_main_process)
-    stage_dir, final_dir = start.stage_dir, start.stage_dir / "final"
-    if start.already_finished:
-        accelerator.print(f"[ppo] already finished: {final_dir}")
-        return final_dir
+    loop = CustomLoop(config, STAGE, settings, restart)
+    accelerator = loop.accelerator
+    if loop.already_finished:
+        return loop.final_dir
     policy_path = stage_input_model(config, STAGE)
     reward_path = config.run_dir / "reward" / "final"
     if not reward_path.is_dir():
         raise ConfigError(f"ppo: needs the reward stage's model at {reward_path}; run the reward stage first")
     # Different processes must sample different responses: offset the seed by the process index.
     seed_everything(config.run.seed + accelerator.process_index)
-    accelerator.print(f"[ppo] run {config.run_dir} on {accelerator.num_processes} process(es), {accelerator.device}, "
-                      f"{accelerator.mixed_precision}; policy {policy_path}, reward model {reward_path}")
+    loop.print(f"run {config.run_dir} on {accelerator.num_processes} process(es), {accelerator.device}, "
+               f"{accelerator.mixed_precision}, engine {engine_of(accelerator).name}; policy {policy_path}, "
+               f"reward model {reward_path}")
 
     tokenizer = load_tokenizer(policy_path, config.model.trust_remote_code)
     conversations, builtin = prompt_conversations(config, accelerator)
@@ -406,52 +428,41 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
         if model is not None:
             disable_dropout_in_model(model)
             attention_for_precision(model, accelerator.mixed_precision == "bf16", accelerator.device)
-    policy_optimizer = build_optimizer(policy.parameters(), settings.learning_rate, settings)
-    critic_optimizer = build_optimizer(critic.parameters(), settings.value_learning_rate, settings)
-    policy, critic, policy_optimizer, critic_optimizer = accelerator.prepare(
-        policy, critic, policy_optimizer, critic_optimizer)
-    reward_model = frozen_on_device(reward_model, accelerator)
-    reference = frozen_on_device(reference, accelerator) if reference is not None else None
+    model = PolicyAndValue(policy, critic)
+    optimizer = build_optimizer(model, settings)
+    configure_deepspeed(accelerator, settings.per_device_train_batch_size, settings.gradient_accumulation_steps,
+                        settings.max_grad_norm)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    reward_scorer = place_frozen_model(RewardScorer(reward_model), accelerator)
+    reference = place_frozen_model(reference, accelerator) if reference is not None else None
     kl_controller = kl_controller_from_config(settings.kl_coef, settings.target_kl, settings.kl_horizon)
 
-    step, elapsed_before = 0, 0.0
-    if start.resume_from is not None:
-        accelerator.load_state(str(start.resume_from))
-        state = read_trainer_state(start.resume_from)
-        step, elapsed_before = state["global_step"], state["elapsed_s"]
+    step, state = loop.resume()
+    if state:
         kl_controller.load_state_dict(state["kl_controller"])
-        accelerator.print(f"[ppo] resuming from {start.resume_from} (step {step})")
-    if accelerator.is_main_process:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        write_manifest(stage_dir, stage=STAGE, status="running", **start.identity,
-                       input_checkpoint=policy_path, reward_checkpoint=str(reward_path), max_steps=settings.max_steps,
-                       parameters=count_parameters(accelerator.unwrap_model(policy)))
-    resumed_at = step if start.resume_from else None
-    metrics_log = MetricsLog(stage_dir / "metrics.jsonl", resumed_at, enabled=accelerator.is_main_process)
-    samples_log = MetricsLog(stage_dir / "samples.jsonl", resumed_at, enabled=accelerator.is_main_process)
-    accelerator.init_trackers(STAGE)
+    metrics_log = loop.begin(input_checkpoint=policy_path, reward_checkpoint=str(reward_path),
+                             max_steps=settings.max_steps,
+                             parameters=count_parameters(accelerator.unwrap_model(model).policy))
+    samples_log = loop.open_log("samples.jsonl")
 
     progress = tqdm(total=settings.max_steps, initial=step, desc="ppo", disable=not accelerator.is_local_main_process)
-    started, first_step, best_eos_share = time.time(), step, 0.0
+    best_eos_share = 0.0
     while step < settings.max_steps:
         indices = prompt_indices(step, settings, len(prompts), config.run.seed, accelerator.process_index,
                                  accelerator.num_processes)
         queries, query_mask = left_pad([prompts[i] for i in indices], tokenizer.pad_token_id)
         queries, query_mask = queries.to(accelerator.device), query_mask.to(accelerator.device)
-        policy.eval(), critic.eval()
-        rollout = generate_rollout(policy, tokenizer, queries, query_mask, settings, accelerator)
-        experience, rollout_stats = score_rollout(rollout, policy, reference, critic, reward_model, normalization,
+        model.eval()
+        rollout = generate_rollout(model, tokenizer, queries, query_mask, settings, accelerator)
+        experience, rollout_stats = score_rollout(rollout, model, reference, reward_scorer, normalization,
                                                   kl_controller.value, settings, accelerator)
-        policy.train(), critic.train()
-        poison_weights_if_requested(STAGE, step, accelerator.unwrap_model(policy))
+        model.train()
+        poison_weights_if_requested(STAGE, step, accelerator.unwrap_model(model))
         lr_scale = learning_rate_scale(step, settings)
-        for optimizer, peak in ((policy_optimizer, settings.learning_rate),
-                                (critic_optimizer, settings.value_learning_rate)):
-            for group in optimizer.param_groups:
-                group["lr"] = peak * lr_scale
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * lr_scale
         shuffle = torch.Generator().manual_seed(config.run.seed * 100_003 + step * 101 + accelerator.process_index)
-        update_stats = ppo_update(policy, critic, policy_optimizer, critic_optimizer, experience, settings,
-                                  accelerator, shuffle, step)
+        update_stats = ppo_update(model, optimizer, experience, settings, accelerator, shuffle, step)
         step += 1
 
         texts = tokenizer.batch_decode(rollout.responses, skip_special_tokens=True)
@@ -475,29 +486,19 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
         progress.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}",
                              **({"gold": f"{metrics['objective/gold_score']:.2f}"} if builtin else {}))
         progress.update(1)
-        if step % settings.save_steps == 0 or step == settings.max_steps:
-            require_finite_weights({"policy": policy, "critic": critic}, STAGE, step, accelerator)
-            save_training_checkpoint(
-                accelerator, stage_dir, step,
-                {"elapsed_s": elapsed_before + time.time() - started, "kl_controller": kl_controller.state_dict()},
-                config.run.keep_last_checkpoints)
+        if loop.checkpoint_due(step):
+            require_finite_weights({"policy and critic": model}, STAGE, step, accelerator)
+            loop.save_checkpoint(step, {"kl_controller": kl_controller.state_dict()})
     progress.close()
 
-    require_finite_weights({"policy": policy}, STAGE, step, accelerator)
-    if accelerator.is_main_process:
-        with atomic_directory(final_dir) as staging:
-            save_hf_model(accelerator.unwrap_model(policy), tokenizer, staging, merge_adapter=True)
-        history = metrics_log.read()
-        last = history[-1] if history else {}
-        write_manifest(stage_dir, status="finished", steps=step,
-                       wall_time_s=round(elapsed_before + time.time() - started, 1),
-                       seconds_per_step=round((time.time() - started) / max(step - first_step, 1), 3),
+    require_finite_weights({"policy": accelerator.unwrap_model(model).policy}, STAGE, step, accelerator)
+    save_final_model(accelerator, model, tokenizer, loop.final_dir, part="policy",
+                     trust_remote_code=config.model.trust_remote_code)
+    history = metrics_log.read()
+    last = history[-1] if history else {}
+    return loop.finish(step, seconds_per_step=round((time.time() - loop.started) / max(step - loop.first_step, 1), 3),
                        metrics={k: last.get(k) for k in ("objective/scores", "objective/kl", "objective/gold_score",
                                                           "val/response_length", "val/eos_share")})
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    accelerator.print(f"[ppo] done: {final_dir}")
-    return final_dir
 
 
 def policy_context_length(policy_path: str, config: PipelineConfig) -> int:
@@ -506,13 +507,6 @@ def policy_context_length(policy_path: str, config: PipelineConfig) -> int:
 
     model_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=config.model.trust_remote_code)
     return getattr(model_config, "max_position_embeddings", None) or 2048
-
-
-def frozen_on_device(model, accelerator: Accelerator):
-    """A model that only scores: no gradients, eval mode, on the device."""
-    model.requires_grad_(False)
-    model.eval()
-    return model.to(accelerator.device)
 
 
 def check_health(metrics: dict[str, float], step: int, best_eos_share: float, accelerator: Accelerator) -> None:

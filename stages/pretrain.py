@@ -10,7 +10,6 @@ started again ends with bit-identical weights on CPU.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -23,14 +22,17 @@ from data.builtin_datasets import write_builtin_task
 from data.loading import load_source, read_rows, texts_from_rows
 from data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from pipeline.batches import epoch_order
-from pipeline.checkpoints import (
-    MetricsLog, atomic_directory, read_trainer_state, save_training_checkpoint, write_manifest)
+from pipeline.checkpoints import atomic_directory
 from pipeline.config import ConfigError, PipelineConfig, PretrainSection
+from pipeline.custom_loop import CustomLoop
+from pipeline.engines import (
+    accumulation_boundary, backward, clipped_gradient_norm, configure_deepspeed, engine_of, full_state_dict,
+    model_holding, save_final_model)
 from pipeline.faults import (
     poison_gradients_if_requested, poison_weights_if_requested, require_finite_gradient_norms, require_finite_weights)
 from pipeline.models import (
     attention_for_precision, build_llama_from_config, count_parameters, load_causal_lm, save_hf_model)
-from pipeline.stage import bf16_enabled, plan_stage_start, run_stage_main, seed_everything, trackers
+from pipeline.stage import run_stage_main, seed_everything
 
 STAGE = "pretrain"
 
@@ -101,7 +103,9 @@ def evaluate(model, blocks: torch.Tensor, settings: PretrainSection, accelerator
     """Mean next-token loss over the first eval_batches batches of the held-out blocks, across processes."""
     model.eval()
     size = settings.per_device_eval_batch_size
-    shard = blocks[accelerator.process_index:: accelerator.num_processes][: settings.eval_batches * size]
+    # Equally many blocks on every process: under FSDP2 and ZeRO-3 each forward is a collective.
+    per_process = min(len(blocks) // accelerator.num_processes, settings.eval_batches * size)
+    shard = blocks[accelerator.process_index:: accelerator.num_processes][:per_process]
     total = torch.zeros(2, device=accelerator.device)
     for start in range(0, len(shard), size):
         batch = shard[start: start + size].to(accelerator.device)
@@ -116,16 +120,13 @@ def evaluate(model, blocks: torch.Tensor, settings: PretrainSection, accelerator
 def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
     """Train the tokenizer and the model; return the directory of the final HF checkpoint."""
     settings = config.pretrain
-    accelerator = Accelerator(mixed_precision="bf16" if bf16_enabled(settings.bf16) else "no",
-                              log_with=trackers(settings.report_to), project_dir=str(config.run_dir / STAGE))
-    start = plan_stage_start(config, STAGE, restart, accelerator.is_main_process)
-    stage_dir = start.stage_dir
-    if start.already_finished:
-        accelerator.print(f"[pretrain] already finished: {stage_dir / 'final'}")
-        return stage_dir / "final"
+    loop = CustomLoop(config, STAGE, settings, restart)
+    accelerator = loop.accelerator
+    if loop.already_finished:
+        return loop.final_dir
     seed_everything(config.run.seed)
-    accelerator.print(f"[pretrain] run {config.run_dir} on {accelerator.num_processes} process(es), "
-                      f"{accelerator.device}, {accelerator.mixed_precision}")
+    loop.print(f"run {config.run_dir} on {accelerator.num_processes} process(es), {accelerator.device}, "
+               f"{accelerator.mixed_precision}, engine {engine_of(accelerator).name}")
 
     train_texts, eval_texts = corpus_texts(config, accelerator)
     tokenizer = prepare_tokenizer(config, train_texts, accelerator)
@@ -142,27 +143,18 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=settings.learning_rate, betas=(settings.adam_beta1, settings.adam_beta2))
+    configure_deepspeed(accelerator, settings.per_device_train_batch_size, settings.gradient_accumulation_steps,
+                        settings.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    step, elapsed_before = 0, 0.0
-    if start.resume_from is not None:
-        accelerator.load_state(str(start.resume_from))
-        state = read_trainer_state(start.resume_from)
-        step, elapsed_before = state["global_step"], state["elapsed_s"]
-        accelerator.print(f"[pretrain] resuming from {start.resume_from} (step {step})")
-    if accelerator.is_main_process:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        write_manifest(stage_dir, stage=STAGE, status="running", **start.identity,
-                       input_checkpoint=config.model.name_or_path, max_steps=settings.max_steps,
-                       parameters=count_parameters(accelerator.unwrap_model(model)))
-    metrics_log = MetricsLog(stage_dir / "metrics.jsonl", step if start.resume_from else None,
-                             enabled=accelerator.is_main_process)
-    accelerator.init_trackers(STAGE)
+    step, _ = loop.resume()
+    metrics_log = loop.begin(input_checkpoint=config.model.name_or_path, max_steps=settings.max_steps,
+                             parameters=count_parameters(accelerator.unwrap_model(model)))
 
     tokens_per_step = (settings.per_device_train_batch_size * settings.gradient_accumulation_steps
                        * accelerator.num_processes * settings.seq_length)
     progress = tqdm(total=settings.max_steps, initial=step, desc="pretrain", disable=not accelerator.is_local_main_process)
-    started, first_step, last_eval, train_seconds = time.time(), step, None, 0.0
+    last_eval, train_seconds = None, 0.0
     model.train()
     while step < settings.max_steps:
         step_began = time.perf_counter()
@@ -175,13 +167,12 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
             indices = batch_indices(step, micro_step, settings, len(train_blocks), config.run.seed,
                                     accelerator.process_index, accelerator.num_processes)
             batch = train_blocks[indices].to(accelerator.device)
-            # DDP would all-reduce gradients after every micro-batch; only the last one needs it.
-            with accelerator.no_sync(model) if micro_step < settings.gradient_accumulation_steps - 1 else contextlib.nullcontext():
+            with accumulation_boundary(accelerator, model, micro_step == settings.gradient_accumulation_steps - 1):
                 loss = model(input_ids=batch, labels=batch).loss / settings.gradient_accumulation_steps
-                accelerator.backward(loss)
+                backward(accelerator, loss)
             step_loss += loss.detach()
         poison_gradients_if_requested(STAGE, step, model)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+        grad_norm = clipped_gradient_norm(accelerator, model, settings.max_grad_norm)
         # The loss checked below comes from the weights before this update and cannot see a NaN gradient: checked
         # here, or the step writes NaN weights that the next save keeps. One device sync a step.
         require_finite_gradient_norms({"model": grad_norm}, STAGE, step + 1, "pretrain.learning_rate")
@@ -190,7 +181,7 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
         step += 1
         train_seconds += time.perf_counter() - step_began
 
-        saving = step % settings.save_steps == 0 or step == settings.max_steps
+        saving = loop.checkpoint_due(step)
         if saving or step % settings.logging_steps == 0:
             loss_value = accelerator.reduce(step_loss, reduction="mean").item()
             if not math.isfinite(loss_value):
@@ -208,30 +199,24 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
         progress.update(1)
         if saving:
             require_finite_weights({"model": model}, STAGE, step, accelerator)
-            save_training_checkpoint(
-                accelerator, stage_dir, step, {"elapsed_s": elapsed_before + time.time() - started},
-                config.run.keep_last_checkpoints, write_extra=lambda staging: save_hf_model(
-                    accelerator.unwrap_model(model), tokenizer, staging / "model"))
+            # Gathered on every process (ZeRO-3 and FSDP2 hold shards), written by the main one.
+            weights = full_state_dict(accelerator, model)
+            loop.save_checkpoint(step, write_extra=lambda staging: save_hf_model(
+                model_holding(weights, accelerator.unwrap_model(model), accelerator, config.model.trust_remote_code),
+                tokenizer, staging / "model"))
+            del weights
     progress.close()
 
-    final_dir = stage_dir / "final"
     require_finite_weights({"model": model}, STAGE, step, accelerator)
-    if accelerator.is_main_process:
-        with atomic_directory(final_dir) as staging:
-            save_hf_model(accelerator.unwrap_model(model), tokenizer, staging)
-        history = metrics_log.read()
-        evals = [m for m in history if "eval_loss" in m]
-        write_manifest(stage_dir, status="finished", steps=step,
-                       wall_time_s=round(elapsed_before + time.time() - started, 1),
-                       metrics={"train_loss": history[-1]["loss"] if history else None,
-                                "eval_loss": evals[-1]["eval_loss"] if evals else None,
-                                "eval_perplexity": evals[-1]["eval_perplexity"] if evals else None},
+    save_final_model(accelerator, model, tokenizer, loop.final_dir, trust_remote_code=config.model.trust_remote_code)
+    history = metrics_log.read()
+    evals = [m for m in history if "eval_loss" in m]
+    return loop.finish(step, metrics={"train_loss": history[-1]["loss"] if history else None,
+                                      "eval_loss": evals[-1]["eval_loss"] if evals else None,
+                                      "eval_perplexity": evals[-1]["eval_perplexity"] if evals else None},
                        # the optimisation loop alone (no evaluation, logging or saving), for bench/
-                       train_tokens_per_second=round((step - first_step) * tokens_per_step / max(train_seconds, 1e-9)))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    accelerator.print(f"[pretrain] done: {final_dir}")
-    return final_dir
+                       train_tokens_per_second=round((step - loop.first_step) * tokens_per_step
+                                                     / max(train_seconds, 1e-9)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ import stages.ppo as ppo
 from pipeline.batches import left_pad
 from pipeline.checkpoints import COMPLETE_MARKER, read_manifest, write_manifest
 from pipeline.config import ConfigError, PeftSection, PPOSection, load_config
+from pipeline.engines import PolicyAndValue, place_frozen_model
 from pipeline.policy_gradient import masked_mean
 from stages.pretrain import run_pretraining
 from tests.helpers import SMOKE, assert_identical_weights, run_and_kill_when, run_stage
@@ -85,30 +86,27 @@ def test_first_minibatch_of_first_epoch_has_ratio_exactly_one(pretrained_run, mi
     accelerator, tokenizer, policy, reference, critic, reward_model, normalization = build_models(
         pretrained_run, settings, mixed_precision)
     assert (reference is None) == lora
-    policy_optimizer = ppo.build_optimizer(policy.parameters(), settings.learning_rate, settings)
-    critic_optimizer = ppo.build_optimizer(critic.parameters(), settings.value_learning_rate, settings)
-    policy, critic, policy_optimizer, critic_optimizer = accelerator.prepare(
-        policy, critic, policy_optimizer, critic_optimizer)
-    reward_model = ppo.frozen_on_device(reward_model, accelerator)
-    reference = ppo.frozen_on_device(reference, accelerator) if reference is not None else None
+    model = PolicyAndValue(policy, critic)
+    model, optimizer = accelerator.prepare(model, ppo.build_optimizer(model, settings))
+    reward_scorer = place_frozen_model(ppo.RewardScorer(reward_model), accelerator)
+    reference = place_frozen_model(reference, accelerator) if reference is not None else None
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Write a short story about {n}."}],
                                              add_generation_prompt=True, return_dict=True)["input_ids"]
                for n in ("Mia", "Tom and a fox", "Ben", "Lily at the park", "Sam", "Anna", "Max", "Zoe")]
     queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
     torch.manual_seed(0)
-    policy.eval(), critic.eval()
-    rollout = ppo.generate_rollout(policy, tokenizer, queries, query_mask, settings, accelerator)
+    model.eval()
+    rollout = ppo.generate_rollout(model, tokenizer, queries, query_mask, settings, accelerator)
     assert rollout.responses.shape[1] <= 12
     after_eos = ~rollout.mask
     assert (rollout.responses[after_eos] == tokenizer.pad_token_id).all()
-    experience, statistics = ppo.score_rollout(rollout, policy, reference, critic, reward_model, normalization,
+    experience, statistics = ppo.score_rollout(rollout, model, reference, reward_scorer, normalization,
                                               0.05, settings, accelerator)
     assert abs(statistics["objective/kl"].item()) < 1e-6  # policy == reference before any update
     assert masked_mean(experience.advantages, experience.mask).abs().item() < 1e-5  # whitened
-    policy.train(), critic.train()
+    model.train()
     # One epoch of one minibatch (two micro-batches): what ppo_update reports is the first minibatch's.
-    first = ppo.ppo_update(policy, critic, policy_optimizer, critic_optimizer, experience, settings, accelerator,
-                           torch.Generator().manual_seed(0))
+    first = ppo.ppo_update(model, optimizer, experience, settings, accelerator, torch.Generator().manual_seed(0))
     assert first["val/ratio"].item() == pytest.approx(1.0, abs=1e-6)
     assert first["val/ratio_var"].item() == pytest.approx(0.0, abs=1e-10)
     assert first["policy/approxkl_avg"].item() == pytest.approx(0.0, abs=1e-10)
@@ -169,6 +167,7 @@ def test_minibatch_gradient_is_the_same_for_any_split_and_order_of_micro_batches
     from accelerate import Accelerator
 
     policy, critic, experience = tiny_policy_critic_and_experience()
+    model = PolicyAndValue(policy, critic)
     accelerator = Accelerator(cpu=True)
     context = experience.sequences.shape[1] - experience.mask.shape[1]
     gradients = {}
@@ -176,20 +175,17 @@ def test_minibatch_gradient_is_the_same_for_any_split_and_order_of_micro_batches
         settings = PPOSection(per_device_train_batch_size=8 // split, gradient_accumulation_steps=split,
                               num_ppo_epochs=1, max_grad_norm=1e9)
         for seed in (0, 1) if split > 1 else (0,):
-            policy_optimizer, critic_optimizer = RecordingOptimizer(policy), RecordingOptimizer(critic)
-            ppo.ppo_update(policy, critic, policy_optimizer, critic_optimizer, experience, settings, accelerator,
-                           torch.Generator().manual_seed(seed))
-            gradients[f"{split} micro-batches, order {seed}"] = torch.cat([policy_optimizer.steps[0],
-                                                                          critic_optimizer.steps[0]])
+            optimizer = RecordingOptimizer(model)
+            ppo.ppo_update(model, optimizer, experience, settings, accelerator, torch.Generator().manual_seed(seed))
+            gradients[f"{split} micro-batches, order {seed}"] = optimizer.steps[0]
     # Any grouping and order, through micro_batch_loss itself: uneven sizes, long and short responses mixed.
     settings = PPOSection(num_ppo_epochs=1)
     for groups in ([[5, 0, 3], [7], [1, 2, 6, 4]], [[6, 1], [4, 7, 0, 2, 5, 3]], [[3], [2], [1], [0, 4, 5, 6, 7]]):
-        for model in (policy, critic):
-            model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         for group in groups:
-            ppo.micro_batch_loss(policy, critic, experience, torch.tensor(group), experience.mask.sum(), context,
-                                 settings, accelerator)
-        gradients[str(groups)] = torch.cat([flat_gradient(policy.parameters()), flat_gradient(critic.parameters())])
+            ppo.micro_batch_loss(model, experience, torch.tensor(group), experience.mask.sum(), context, settings,
+                                 accelerator)
+        gradients[str(groups)] = flat_gradient(model.parameters())
     reference = gradients.pop("1 micro-batches, order 0")
     assert reference.norm() > 0
     for name, gradient in gradients.items():
@@ -250,13 +246,17 @@ def test_optimizer_settings_follow_trl_and_are_validated():
     assert [ppo.learning_rate_scale(step, constant) for step in range(4)] == [1.0] * 4
 
     policy, critic, _ = tiny_policy_critic_and_experience()
-    optimizer = ppo.build_optimizer(critic.parameters(), 1e-4, settings)
+    model = PolicyAndValue(policy, critic)
+    optimizer = ppo.build_optimizer(model, settings)
     assert all(group["weight_decay"] == 0.0 and group["eps"] == 1e-5 for group in optimizer.param_groups)
-    optimizer = ppo.build_optimizer(policy.parameters(), 1e-4, PPOSection(weight_decay=0.05))
-    decayed, kept = optimizer.param_groups
-    assert decayed["weight_decay"] == 0.05 and all(p.dim() == 2 for p in decayed["params"])
-    assert kept["weight_decay"] == 0.0 and kept["params"] and all(p.dim() == 1 for p in kept["params"])
-    assert len(decayed["params"]) + len(kept["params"]) == len(list(policy.parameters()))
+    # One optimizer for the one prepared model: the policy's groups at its rate, the critic's at value_learning_rate.
+    optimizer = ppo.build_optimizer(model, PPOSection(weight_decay=0.05, learning_rate=1e-5, value_learning_rate=1e-4))
+    for (decayed, kept), part, rate in zip((optimizer.param_groups[:2], optimizer.param_groups[2:]), (policy, critic),
+                                           (1e-5, 1e-4)):
+        assert decayed["weight_decay"] == 0.05 and all(p.dim() == 2 for p in decayed["params"])
+        assert kept["weight_decay"] == 0.0 and kept["params"] and all(p.dim() == 1 for p in kept["params"])
+        assert {id(p) for p in decayed["params"] + kept["params"]} == {id(p) for p in part.parameters()}
+        assert decayed["lr"] == kept["lr"] == decayed["peak_lr"] == kept["peak_lr"] == rate
 
     assert load_config(SMOKE, ["ppo.weight_decay=0.01", "ppo.lr_scheduler_type=constant"]).ppo.weight_decay == 0.01
     with pytest.raises(ConfigError, match=r"^ppo\.weight_decay: must not be negative, got -0\.1$"):
@@ -284,18 +284,18 @@ def test_learnable_signal_raises_reward_with_bounded_kl(pretrained_run, monkeypa
                          "the cat", "the dog", "the fox", "the bird")]
     queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
     context["width"] = queries.shape[1]
-    policy_optimizer = torch.optim.AdamW(policy.parameters(), lr=settings.learning_rate)
-    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=settings.value_learning_rate)
+    model, reward_scorer = PolicyAndValue(policy, critic), ppo.RewardScorer(reward_model)
+    optimizer = torch.optim.AdamW([{"params": policy.parameters(), "lr": settings.learning_rate},
+                                   {"params": critic.parameters(), "lr": settings.value_learning_rate}])
     torch.manual_seed(0)
     scores, kls = [], []
     for step in range(30):
-        policy.eval(), critic.eval()
-        rollout = ppo.generate_rollout(policy, tokenizer, queries, query_mask, settings, accelerator)
-        experience, statistics = ppo.score_rollout(rollout, policy, reference, critic, reward_model, normalization,
+        model.eval()
+        rollout = ppo.generate_rollout(model, tokenizer, queries, query_mask, settings, accelerator)
+        experience, statistics = ppo.score_rollout(rollout, model, reference, reward_scorer, normalization,
                                                   settings.kl_coef, settings, accelerator)
-        policy.train(), critic.train()
-        ppo.ppo_update(policy, critic, policy_optimizer, critic_optimizer, experience, settings, accelerator,
-                       torch.Generator().manual_seed(step))
+        model.train()
+        ppo.ppo_update(model, optimizer, experience, settings, accelerator, torch.Generator().manual_seed(step))
         scores.append(statistics["objective/scores"].item())
         kls.append(statistics["objective/kl"].item())
     assert sum(scores[-5:]) / 5 > sum(scores[:5]) / 5 + 0.25, scores
@@ -317,7 +317,7 @@ def test_sigkill_then_resume_gives_identical_policy_critic_and_metrics(pretraine
     assert "resuming from" in result.stdout + result.stderr
     a, b = uninterrupted / "smoke" / "ppo", killed / "smoke" / "ppo"
     assert_identical_weights(a / "final", b / "final")
-    assert_identical_weights(a / "checkpoint-6", b / "checkpoint-6", "model_1.safetensors")  # the critic
+    assert_identical_weights(a / "checkpoint-6", b / "checkpoint-6")  # the one prepared model: policy and critic
     assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
     rates = [json.loads(line)["lr"] for line in (a / "metrics.jsonl").read_text().splitlines()]
     assert rates == pytest.approx([PPOSection().learning_rate * (1 - step / 6) for step in range(6)])  # linear decay
@@ -350,18 +350,19 @@ def test_a_checkpoint_generation_config_leaves_the_first_ppo_step_exact(pretrain
                                              add_generation_prompt=True, return_dict=True)["input_ids"]
                for n in STORY_PROMPTS]
     queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
+    model = PolicyAndValue(policy, critic)
     torch.manual_seed(0)
-    rollout = ppo.generate_rollout(policy, tokenizer, queries, query_mask, settings, accelerator)
+    rollout = ppo.generate_rollout(model, tokenizer, queries, query_mask, settings, accelerator)
     torch.manual_seed(0)
     by_hand, by_hand_mask = cut_at_first_eos(
         sample_from_pi_by_hand(policy, queries, query_mask, settings.temperature, settings.response_length,
                                tokenizer.eos_token_id, tokenizer.pad_token_id, settings.local_rollout_forward_batch_size,
-                               draw=draw_from),
+                               draw=draw_from, only_unfinished=True),
         tokenizer.eos_token_id, tokenizer.pad_token_id)
     assert torch.equal(rollout.responses, by_hand) and torch.equal(rollout.mask, by_hand_mask)
 
-    experience, statistics = ppo.score_rollout(rollout, policy, reference, critic, reward_model, normalization,
-                                              0.05, settings, accelerator)
+    experience, statistics = ppo.score_rollout(rollout, model, reference, ppo.RewardScorer(reward_model),
+                                              normalization, 0.05, settings, accelerator)
     assert abs(statistics["objective/kl"].item()) < 1e-6
     policy.train()
     logits = ppo.response_logits(policy, experience.sequences, experience.attention_mask, queries.shape[1])
@@ -402,7 +403,7 @@ def test_compare_scores_and_kl_equal_what_ppo_gives_the_same_ids(pretrained_run)
         _, last_index, contains_eos = response_mask(sequences[:, context:], tokenizer.eos_token_id)
         rollout = ppo.Rollout(sequences[:, :context], attention_mask[:, :context], sequences[:, context:], mask,
                               mask.sum(1) - 1, contains_eos)
-        _, statistics = ppo.score_rollout(rollout, policy, reference, critic, reward_model, normalization, 0.05,
-                                          settings, accelerator)
+        _, statistics = ppo.score_rollout(rollout, PolicyAndValue(policy, critic), reference,
+                                          ppo.RewardScorer(reward_model), normalization, 0.05, settings, accelerator)
         assert sample.reward == pytest.approx(statistics["objective/scores"].item(), abs=1e-5)
         assert sample.kl_to_sft == pytest.approx(statistics["objective/kl"].item(), abs=1e-4)
