@@ -15,13 +15,12 @@ from data.builtin_task import gold_score
 from data.formats import prompts_from_rows
 from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer
-from pipeline.batches import left_pad
 from pipeline.checkpoints import read_manifest
 from pipeline.config import ConfigError, DatasetSource
 from pipeline.models import load_causal_lm
-from pipeline.policy_gradient import logprobs_of_tokens
+from pipeline.rollout import reward_scores, sample_token_ids, sampling_config, sequence_logprobs
 from pipeline.stage_graph import compared_checkpoints
-from reward_model import RewardNormalization, load_reward_model, score_responses
+from reward_model import RewardNormalization, load_reward_model
 
 POLICIES = ("pretrain", "sft", "ppo")
 
@@ -62,38 +61,51 @@ def evaluation_prompts(run_dir: Path, ppo_config: dict[str, Any]) -> tuple[list[
     return [c[-1]["content"] for c in conversations], False
 
 
+def chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a user message with the chat template's generation prompt, as PPO encodes its prompts."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=True)["input_ids"]
+
+
 @torch.no_grad()
-def sample_policy(model, tokenizer, prompts: list[str], samples_per_prompt: int, temperature: float,
-                  max_new_tokens: int, seed: int, batch_size: int = 64) -> list[tuple[int, list[int]]]:
-    """(prompt index, response token ids) for every sample; the same seed for every policy."""
+def sample_policy(model, tokenizer, prompt_ids: list[list[int]], samples_per_prompt: int, temperature: float,
+                  max_new_tokens: int, seed: int, batch_size: int = 64, description: str | None = None
+                  ) -> list[tuple[int, list[int]]]:
+    """(prompt index, response token ids) for every sample, drawn as PPO draws its rollouts; the same seed for
+    every policy."""
     torch.manual_seed(seed)
-    jobs = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)]
-    encoded = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=True)["input_ids"] for p in prompts]
-    results = []
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start: start + batch_size]
-        ids, mask = left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
-        width = ids.shape[1]
-        output = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
-                                top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id)[:, width:]
-        for row, i in enumerate(batch):
-            tokens = output[row].tolist()
-            if tokenizer.eos_token_id in tokens:
-                tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
-            results.append((i, [t for t in tokens if t != tokenizer.pad_token_id]))
-    return results
+    jobs = [i for i in range(len(prompt_ids)) for _ in range(samples_per_prompt)]
+    config = sampling_config(max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature)
+    responses = sample_token_ids(model, [prompt_ids[i] for i in jobs], config, batch_size, description)
+    return list(zip(jobs, responses))
 
 
-@torch.no_grad()
-def sequence_logprob(model, tokenizer, prompt: str, response_ids: list[int], temperature: float) -> float:
-    """log π(response | prompt) at the sampling temperature."""
-    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                               tokenize=True, return_dict=True)["input_ids"]
-    ids = torch.tensor([prompt_ids + response_ids])
-    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1: -1]
-    return logprobs_of_tokens(logits, torch.tensor(response_ids), temperature).sum().item()
+def policy_samples(models: dict[str, Any], tokenizer, reward_model, normalization: RewardNormalization,
+                   texts: list[str], samples_per_prompt: int, temperature: float, max_new_tokens: int, seed: int,
+                   builtin: bool) -> list[Sample]:
+    """Every policy's samples, scored as PPO scores its rollouts (the token ids as sampled, EOS only where the
+    policy produced it), with each non-SFT sample's log-likelihood ratio to the SFT policy: a KL estimate."""
+    prompt_ids = [chat_prompt_ids(tokenizer, text) for text in texts]
+    pad = tokenizer.pad_token_id
+    samples: list[Sample] = []
+    for name, model in models.items():
+        drawn = sample_policy(model, tokenizer, prompt_ids, samples_per_prompt, temperature, max_new_tokens, seed,
+                              description=f"[compare] sampling {name}")
+        prompts, responses = [prompt_ids[i] for i, _ in drawn], [ids for _, ids in drawn]
+        rewards = normalization.apply(reward_scores(reward_model, prompts, responses, pad,
+                                                    description=f"[compare] scoring {name}")).tolist()
+        kls: list[float | None] = [None] * len(drawn)
+        if name != "sft":
+            own = sequence_logprobs(model, prompts, responses, temperature, pad,
+                                    description=f"[compare] log-likelihoods of {name} samples under {name}")
+            sft = sequence_logprobs(models["sft"], prompts, responses, temperature, pad,
+                                    description=f"[compare] log-likelihoods of {name} samples under sft")
+            kls = [a - b for a, b in zip(own, sft)]
+        texts_out = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        for (index, ids), response, reward, kl in zip(drawn, texts_out, rewards, kls):
+            gold = gold_score(texts[index], response) if builtin else None
+            samples.append(Sample(index, name, response, reward, gold, kl, len(ids)))
+    return samples
 
 
 def win_rate(first: list[float], second: list[float]) -> dict[str, float]:
@@ -127,21 +139,13 @@ def compare_run(run_dir: Path, prompts: int | None = None, samples_per_prompt: i
     reward_model, reward_tokenizer = load_reward_model(str(reward_dir))
     normalization = RewardNormalization.load(reward_dir)
     tokenizer = load_tokenizer(policies["sft"])
+    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"{run_dir}: the policies and the reward model use different tokenizers; the comparison "
+                          f"scores token ids as PPO does, so both must come from the same SFT checkpoint")
     models = {name: load_causal_lm(path, tokenizer).eval() for name, path in policies.items()}
 
-    samples: list[Sample] = []
-    for name, model in models.items():
-        drawn = sample_policy(model, tokenizer, texts, samples_per_prompt, temperature, max_new_tokens, seed)
-        responses = [tokenizer.decode(ids, skip_special_tokens=True) for _, ids in drawn]
-        rewards = normalization.apply(score_responses(reward_model, reward_tokenizer,
-                                                      [texts[i] for i, _ in drawn], responses)).tolist()
-        for (index, ids), response, reward in zip(drawn, responses, rewards):
-            kl = None
-            if name != "sft":
-                kl = (sequence_logprob(model, tokenizer, texts[index], ids, temperature)
-                      - sequence_logprob(models["sft"], tokenizer, texts[index], ids, temperature))
-            samples.append(Sample(index, name, response, reward, gold_score(texts[index], response) if builtin else None,
-                                  kl, len(ids)))
+    samples = policy_samples(models, tokenizer, reward_model, normalization, texts, samples_per_prompt, temperature,
+                             max_new_tokens, seed, builtin)
 
     comparison = Comparison(texts, samples, settings={
         "samples_per_prompt": samples_per_prompt, "temperature": temperature, "max_new_tokens": max_new_tokens,

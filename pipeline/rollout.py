@@ -13,6 +13,12 @@ with the checkpoint's defaults replaced by a blank GenerationConfig, under a con
 
 A model whose pad token is its EOS works too: the cut is at the first EOS, and masks (never token values)
 tell padding from the EOS that ends a response.
+
+Sampling from π itself (PPO's rollouts, reward normalisation, the comparison) runs `decode_from_pi`, a decoding
+loop of our own with no generation config at all: a KV cache written in place, one uniform per unfinished row
+per token, and rows that have ended dropped from the batch. bench/rollout_throughput.py measures it against
+`generate`. Greedy, top-k and top-p (the CLI) and models it cannot run (sliding-window attention, ...) use
+`generate` under the explicit config.
 """
 
 from __future__ import annotations
@@ -111,6 +117,10 @@ class PreallocatedKVLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+
 
 def supports_lean_decoding(model) -> bool:
     """Whether `decode_from_pi` can run this model: a decoder whose every layer attends to the full context
@@ -149,7 +159,10 @@ def decode_from_pi(model, queries: torch.Tensor, query_mask: torch.Tensor, tempe
                    max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
     """Sample [B, max_new_tokens] tokens from softmax(logits / T), pad after each row's EOS: `generate`'s sampling
     without its per-step machinery (logits processors, stopping criteria, mask and cache rebuilding), which
-    costs a tiny model more than its forward. Positions are counted over real tokens, as in PPO's scoring."""
+    costs a tiny model more than its forward. Positions are counted over real tokens, as in PPO's scoring.
+
+    Rows that have ended stop costing compute: one uniform is drawn per unfinished row only, and once a quarter
+    of the rows the model still runs have ended, they leave its batch (and the cache)."""
     batch, width = queries.shape
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
     cache = Cache(layers=[PreallocatedKVLayer(width + max_new_tokens) for _ in range(layers)])
@@ -159,16 +172,26 @@ def decode_from_pi(model, queries: torch.Tensor, query_mask: torch.Tensor, tempe
     next_position = positions[:, -1:] + 1
     tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=queries.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=queries.device)
+    running = torch.arange(batch, device=queries.device)  # the rows in the model's batch, in its order
     logits = model(input_ids=queries, attention_mask=query_mask, position_ids=positions, use_cache=True,
                    logits_to_keep=1, **cache_argument).logits[:, -1]
     for step in range(max_new_tokens):
-        token = draw_from(torch.softmax(logits.float() / temperature, -1)).masked_fill(finished, pad_token_id)
-        tokens[:, step] = token
-        finished |= token == eos_token_id
+        unfinished = ~finished[running]
+        rows = running[unfinished]
+        drawn = draw_from(torch.softmax(logits[unfinished].float() / temperature, -1))
+        tokens[rows, step] = drawn
+        finished[rows] |= drawn == eos_token_id
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
-        logits = model(input_ids=token[:, None], attention_mask=attention_mask[:, : width + step + 1],
-                       position_ids=next_position + step, use_cache=True, **cache_argument).logits[:, -1]
+        still = ~finished[running]
+        if 4 * int(still.sum()) <= 3 * len(running):
+            keep = still.nonzero().squeeze(1)
+            for layer in cache.layers:
+                layer.batch_select_indices(keep)
+            running = running[keep]
+        logits = model(input_ids=tokens[running, step: step + 1],
+                       attention_mask=attention_mask[running, : width + step + 1],
+                       position_ids=next_position[running] + step, use_cache=True, **cache_argument).logits[:, -1]
     return tokens
 
 

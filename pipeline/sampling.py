@@ -6,11 +6,12 @@ import argparse
 from dataclasses import dataclass
 
 import torch
-from transformers import TextStreamer
+from transformers import GenerationConfig, TextStreamer
 
 from data.tokenizer import load_tokenizer
 from pipeline.config import ConfigError
 from pipeline.models import load_causal_lm
+from pipeline.rollout import generate_with_config, sampling_config
 
 
 @dataclass
@@ -32,12 +33,10 @@ class SamplingSettings:
         if self.max_new_tokens <= 0:
             raise ConfigError(f"--max-new-tokens: must be positive, got {self.max_new_tokens}")
 
-    def generate_kwargs(self, tokenizer) -> dict:
-        common = {"max_new_tokens": self.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
-                  "eos_token_id": tokenizer.eos_token_id}
-        if self.greedy:
-            return {**common, "do_sample": False}
-        return {**common, "do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+    def generation_config(self, tokenizer) -> GenerationConfig:
+        """These settings and nothing from the checkpoint's generation_config (see pipeline/rollout.py)."""
+        return sampling_config(self.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, self.temperature,
+                               self.top_k, self.top_p, greedy=self.greedy)
 
 
 def load_for_sampling(checkpoint: str):
@@ -58,7 +57,8 @@ def generate_responses(model, tokenizer, prompts: list[str], settings: SamplingS
     for prompt in prompts:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)
-        output = model.generate(**ids, streamer=streamer, **settings.generate_kwargs(tokenizer))
+        output = generate_with_config(model, ids["input_ids"], ids["attention_mask"],
+                                      settings.generation_config(tokenizer), streamer)
         answers.append(tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
     return answers
 
@@ -108,7 +108,8 @@ def chat_command(arguments: argparse.Namespace, read=input) -> int:
         ids = {k: v[:, -context:] for k, v in ids.items()}  # the oldest turns fall out of a full context
         print("assistant> ", end="", flush=True)
         with torch.no_grad():
-            output = model.generate(**ids, streamer=streamer, **settings.generate_kwargs(tokenizer))
+            output = generate_with_config(model, ids["input_ids"], ids["attention_mask"],
+                                          settings.generation_config(tokenizer), streamer)
         reply = tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
         conversation.append({"role": "assistant", "content": reply})
     return 0

@@ -67,11 +67,11 @@ def assert_identical_weights(a: Path, b: Path, name: str = "model.safetensors") 
 @torch.no_grad()
 def sample_from_pi_by_hand(model, queries: torch.Tensor, query_mask: torch.Tensor, temperature: float,
                            max_new_tokens: int, eos_token_id: int, pad_token_id: int, batch_size: int,
-                           draw=None) -> torch.Tensor:
+                           draw=None, only_unfinished: bool = False) -> torch.Tensor:
     """The oracle for "samples come from π at the temperature": no cache, no logits processors, a full forward per
-    token, softmax(logits / T), one draw over the batch per step (`draw(probabilities)`, by default
-    torch.multinomial as `generate` draws), pad after a row's EOS, stop when every row has ended. The same seed
-    must give the same tokens as the pipeline's sampler."""
+    token, softmax(logits / T), one draw per step (`draw(probabilities)`, by default torch.multinomial as
+    `generate` draws) over the batch, or over its unfinished rows only as pipeline/rollout.py's loop draws; pad
+    after a row's EOS, stop when every row has ended. The same seed must give the same tokens as the sampler."""
     draw = draw or (lambda probabilities: torch.multinomial(probabilities, 1).squeeze(1))
     pieces = []
     for start in range(0, len(queries), batch_size):
@@ -80,8 +80,12 @@ def sample_from_pi_by_hand(model, queries: torch.Tensor, query_mask: torch.Tenso
         tokens = []
         for _ in range(max_new_tokens):
             logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-            token = draw(torch.softmax(logits[:, -1].float() / temperature, -1))
-            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            probabilities = torch.softmax(logits[:, -1].float() / temperature, -1)
+            token = torch.full_like(finished, pad_token_id, dtype=torch.long)
+            if only_unfinished:
+                token[~finished] = draw(probabilities[~finished])
+            else:
+                token = torch.where(finished, token, draw(probabilities))
             tokens.append(token)
             finished |= token == eos_token_id
             ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from pipeline.compare import Comparison, Sample, sequence_logprob, win_rate
+from pipeline.compare import Comparison, Sample, win_rate
 from pipeline.report import headline, line_chart, write_report
 
 
@@ -36,23 +36,6 @@ def test_win_rate_counts_ties_half_and_bounds_the_interval():
     assert rate["win_rate"] == pytest.approx(0.5) and rate["ties"] == 2
     assert 0 <= rate["low"] < 0.5 < rate["high"] <= 1
     assert win_rate([1] * 50, [0] * 50)["low"] > 0.9
-
-
-def test_sequence_logprob_is_the_tempered_log_likelihood_of_the_response(tiny_causal_lm):
-    import torch
-
-    from data.tokenizer import load_tokenizer
-    from pipeline.models import load_causal_lm
-
-    tokenizer = load_tokenizer(tiny_causal_lm)
-    model = load_causal_lm(tiny_causal_lm, tokenizer).eval()
-    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
-                                               tokenize=True, return_dict=True)["input_ids"]
-    response = [7, 12, tokenizer.eos_token_id]
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([prompt_ids + response])).logits[0].double() / 0.7
-        expected = sum(torch.log_softmax(logits[len(prompt_ids) - 1 + i], -1)[token] for i, token in enumerate(response))
-        assert sequence_logprob(model, tokenizer, "Hi", response, 0.7) == pytest.approx(expected.item(), abs=1e-4)
 
 
 def test_report_files_and_escaping(tmp_path):

@@ -74,8 +74,11 @@ def sampler_path(request, monkeypatch):
     return request.param
 
 
-def oracle_draw(path: str):
-    return rollout.draw_from if path == "lean" else None  # None: torch.multinomial, as generate draws
+def oracle_draws(path: str) -> dict:
+    """How the hand-written sampler must draw to use the random numbers as the sampler on `path` does."""
+    if path == "lean":
+        return {"draw": rollout.draw_from, "only_unfinished": True}
+    return {}  # torch.multinomial over the whole batch, as generate draws
 
 
 def test_sampling_ignores_a_checkpoint_generation_config_and_draws_from_pi(tiny, processors_used, sampler_path):
@@ -88,7 +91,7 @@ def test_sampling_ignores_a_checkpoint_generation_config_and_draws_from_pi(tiny,
     torch.manual_seed(3)
     expected, expected_mask = cut_at_first_eos(sample_from_pi_by_hand(
         model, queries, query_mask, 0.7, 16, tokenizer.eos_token_id, tokenizer.pad_token_id, 4,
-        draw=oracle_draw(sampler_path)), tokenizer.eos_token_id, tokenizer.pad_token_id)
+        **oracle_draws(sampler_path)), tokenizer.eos_token_id, tokenizer.pad_token_id)
     assert torch.equal(responses, expected) and torch.equal(mask, expected_mask)
     assert processors_used == ([] if sampler_path == "lean" else [[TemperatureLogitsWarper]])
     assert model.generation_config.repetition_penalty == 1.3  # the checkpoint's own config is left as it was
@@ -131,7 +134,7 @@ def test_lean_decoding_runs_a_lora_policy(tiny):
     responses, _ = sample_batch(policy, queries, query_mask, config, batch_size=3)
     torch.manual_seed(2)
     expected = sample_from_pi_by_hand(policy, queries, query_mask, 1.0, 8, tokenizer.eos_token_id,
-                                      tokenizer.pad_token_id, 3, draw=rollout.draw_from)
+                                      tokenizer.pad_token_id, 3, **oracle_draws("lean"))
     assert torch.equal(responses, cut_at_first_eos(expected, tokenizer.eos_token_id, tokenizer.pad_token_id)[0])
 
 
@@ -150,10 +153,10 @@ def test_a_sliding_window_model_is_sampled_by_generate(processors_used):
 
 def test_pad_equal_to_eos_cuts_at_the_first_eos(tiny, sampler_path):
     model, tokenizer, prompts = tiny
-    draw = oracle_draw(sampler_path)
+    draws = oracle_draws(sampler_path)
     queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
     torch.manual_seed(5)
-    free = sample_from_pi_by_hand(model, queries, query_mask, 1.0, 12, -1, 0, 4, draw=draw)
+    free = sample_from_pi_by_hand(model, queries, query_mask, 1.0, 12, -1, 0, 4, **draws)
     # Make a token the policy drew in the middle of row 0 its EOS and its pad: a pad == EOS tokenizer.
     stop_at = next(i for i in range(2, 12) if free[0, i] not in free[0, :i])
     eos = int(free[0, stop_at])
@@ -162,7 +165,7 @@ def test_pad_equal_to_eos_cuts_at_the_first_eos(tiny, sampler_path):
     torch.manual_seed(5)
     responses, mask = sample_batch(model, queries, query_mask, config, batch_size=4)
     torch.manual_seed(5)
-    expected = sample_from_pi_by_hand(model, queries, query_mask, 1.0, 12, eos, eos, 4, draw=draw)
+    expected = sample_from_pi_by_hand(model, queries, query_mask, 1.0, 12, eos, eos, 4, **draws)
     assert int(mask[0].sum()) == stop_at + 1 and responses[0, stop_at] == eos
     for row in range(len(prompts)):
         length = int(mask[row].sum())
