@@ -30,10 +30,11 @@ PUBLISHED = """published figures (as recalled from the sources named; not re-mea
   - OpenAssistant's reward models, accuracy on Anthropic's HH test set (model cards, 2023): deberta-v3-base
     (~184M parameters, the closest in size) 54.5%, deberta-v3-large (435M) 55.6%, deberta-v3-large-v2 69.3%.
   - Bai et al. 2022 (Anthropic, "Training a Helpful and Harmless Assistant with RLHF"): preference-model
-    accuracy on HH grows with size from the low 60s% (13M parameters) to about 72% (52B); crowdworkers agreed
-    with the authors' own labels only about 63% of the time, so harmless-base is a noisy target.
-  - Harmless-base alone is harder than helpful-base for small models: its chosen answers are often refusals
-    that a model must judge by content, not style."""
+    accuracy on HH grows roughly with the log of model size, from the low-to-mid 60s% for their smallest
+    (13M parameters) to about 72% at 52B (read off their figures, approximate); crowdworkers agreed with the
+    authors' own labels only about 63% of the time, so HH labels are noisy.
+  With a few dozen held-out pairs, the 95% interval of a measured accuracy is about +-14 points: the numbers
+  above show the stage runs on real data, not a reward model comparable with these."""
 
 
 def main(argv: list[str] | None = None) -> int:
