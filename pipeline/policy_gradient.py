@@ -74,12 +74,6 @@ def response_mask(response_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tens
     return positions <= first_eos[:, None], first_eos, contains_eos
 
 
-def truncate_after_eos(response_ids: Tensor, eos_token_id: int, pad_token_id: int) -> Tensor:
-    """Replace every token after the first EOS with pad."""
-    mask, _, _ = response_mask(response_ids, eos_token_id)
-    return torch.where(mask, response_ids, torch.full_like(response_ids, pad_token_id))
-
-
 def logprobs_of_tokens(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
     """log π(token) at the sampling temperature, in float32 whatever the logits' dtype (bf16 log-softmax loses
     the small differences PPO's ratio is made of). TRL divides by temperature + 1e-7; so do we."""

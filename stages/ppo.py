@@ -51,7 +51,7 @@ from pipeline.policy_gradient import (
     clipped_policy_loss, clipped_value_loss, entropy_from_logits, gae_advantages, kl_controller_from_config,
     kl_per_token, logprobs_of_tokens, masked_mean, masked_whiten, minibatch_statistics, per_token_rewards,
     response_mask)
-from pipeline.rollout import sample_batch, sampling_config
+from pipeline.rollout import position_ids_of, sample_batch, sampling_config
 from pipeline.stage import run_stage_main, seed_everything, stage_input_model
 from reward_model import RewardNormalization, load_reward_model, score_token_ids
 
@@ -149,11 +149,6 @@ def build_critic(config: PipelineConfig, policy_path: str, reward_path: Path, to
     # A critic read from the reward model starts at the normalised score PPO is rewarded with.
     normalization = RewardNormalization.load(reward_path) if from_reward and config.ppo.normalize_reward else None
     return ValueModel(classifier, normalization)
-
-
-def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens, as `generate` does with left padding."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def response_logits(policy, sequences, attention_mask, context_length: int) -> torch.Tensor:

@@ -43,6 +43,7 @@ from pipeline.checkpoints import MetricsLog, atomic_directory, write_manifest
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.hf_trainer import PipelineCallback, metrics_log_for, train_with_resume, trainer_arguments
 from pipeline.models import attention_for_precision, count_parameters, load_causal_lm, save_hf_model
+from pipeline.rollout import generate_with_config, sampling_config
 from pipeline.stage import plan_stage_start, run_stage_main, seed_everything, stage_input_model
 
 STAGE = "sft"
@@ -94,8 +95,9 @@ class SampleAnswers(TrainerCallback):
         for prompt in self.prompts:
             ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
                                                      return_dict=True).to(model.device)
-            output = model.generate(**ids, max_new_tokens=SAMPLE_TOKENS, do_sample=False,
-                                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+            greedy = sampling_config(SAMPLE_TOKENS, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                                     greedy=True)
+            output = generate_with_config(model, ids["input_ids"], ids["attention_mask"], greedy)
             answer = self.tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
             samples.append({"prompt": prompt[-1]["content"], "response": answer})
             print(f"[sft] step {state.global_step} sample: {prompt[-1]['content'][-70:]!r} -> {answer!r}", flush=True)

@@ -3,7 +3,8 @@ the token values after a response cannot tell padding from EOS, the mask must.""
 
 import torch
 
-from pipeline.policy_gradient import per_token_rewards, response_mask, truncate_after_eos
+from pipeline.policy_gradient import per_token_rewards, response_mask
+from pipeline.rollout import cut_at_first_eos
 
 EOS = 2
 
@@ -12,9 +13,10 @@ def test_truncation_and_the_score_stop_at_the_first_eos_when_pad_is_eos():
     sampled = torch.tensor([[5, 6, EOS, 7, EOS, 8],   # ends at 2; what follows is not the response
                             [5, EOS, EOS, EOS, EOS, EOS],  # generate padded a finished row with pad == EOS
                             [5, 6, 7, 8, 9, 10]])  # never ended
-    responses = truncate_after_eos(sampled, EOS, pad_token_id=EOS)
+    responses, cut_mask = cut_at_first_eos(sampled, EOS, pad_token_id=EOS)
     assert responses.tolist() == [[5, 6, EOS, EOS, EOS, EOS], [5, EOS, EOS, EOS, EOS, EOS], [5, 6, 7, 8, 9, 10]]
     mask, last_index, contains_eos = response_mask(responses, EOS)
+    assert torch.equal(mask, cut_mask)
     assert mask.sum(1).tolist() == [3, 2, 6] and last_index.tolist() == [2, 1, 5]
     assert contains_eos.tolist() == [True, True, False]
     rewards, _ = per_token_rewards(torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3, 6), mask, last_index, kl_coef=0.1)

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 from pipeline.policy_gradient import (
     AdaptiveKLController, FixedKLController, clipped_policy_loss, clipped_value_loss, entropy_from_logits,
     gae_advantages, kl_controller_from_config, kl_per_token, logprobs_of_tokens, masked_mean, masked_sum, masked_var,
-    masked_whiten, minibatch_statistics, per_token_rewards, response_mask, token_share, truncate_after_eos)
+    masked_whiten, minibatch_statistics, per_token_rewards, response_mask, token_share)
 
 EOS, PAD = 2, 0
 NAN = float("nan")
@@ -44,16 +44,6 @@ def test_response_mask_with_eos_first_middle_last_and_absent():
                              [True, True, False, False]]
     assert last_index.tolist() == [0, 2, 3, 3, 1]
     assert contains_eos.tolist() == [True, True, True, False, True]
-
-    truncated = truncate_after_eos(responses, EOS, PAD)
-    assert truncated.tolist() == [[EOS, PAD, PAD, PAD],
-                                  [5, 6, EOS, PAD],
-                                  [5, 6, 7, EOS],
-                                  [5, 6, 7, 8],
-                                  [5, EOS, PAD, PAD]]
-    # Truncating is idempotent and keeps the mask: the pad token is not EOS.
-    assert torch.equal(truncate_after_eos(truncated, EOS, PAD), truncated)
-    assert torch.equal(response_mask(truncated, EOS)[0], mask)
 
 
 # ---------------------------------------------------------------- masked statistics
