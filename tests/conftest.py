@@ -6,6 +6,17 @@ from pipeline.config import load_config
 from tests.helpers import SMOKE
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state; stages (and loops) run in-process one after another need it reset."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def smoke_pretrained(tmp_path_factory):
     """One smoke pretraining run shared by the tests of later stages (they copy it before writing)."""

@@ -9,17 +9,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Accelerate keeps one process-wide state; benches run in-process one after another need it reset."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-@pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models run no faster on more threads, and on a shared machine spinning threads slow everyone."""
     threads = torch.get_num_threads()

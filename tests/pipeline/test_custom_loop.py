@@ -1,6 +1,5 @@
 """pipeline/custom_loop.py: the skeleton pretraining and PPO share, driven by a toy loop."""
 
-import pytest
 import torch
 
 from pipeline.checkpoints import read_manifest
@@ -8,15 +7,6 @@ from pipeline.config import load_config
 from pipeline.custom_loop import CustomLoop
 from tests.helpers import SMOKE
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def toy_run(config, steps_before_stop: int | None = None):

@@ -25,15 +25,6 @@ from pipeline.faults import require_finite_gradient_norms
 from stages.ppo import ValueModel
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
 
 def tiny_config(**overrides) -> LlamaConfig:
     return LlamaConfig(**{**dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -91,7 +91,7 @@ def test_interrupted_stage_whose_input_changed_is_refused(tmp_path):
 
 
 def test_changed_own_config_is_refused_and_restart_sets_aside(tmp_path):
-    config = finished_run(tmp_path)
+    finished_run(tmp_path)
     changed = smoke_config(tmp_path, "ppo.kl_coef=0.3")
     with pytest.raises(ConfigError, match=r"ppo: config changed .*ppo.kl_coef.*--restart ppo"):
         plan_stage_start(changed, "ppo", restart=False)
