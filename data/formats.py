@@ -119,11 +119,17 @@ def prompt_response_ids(tokenizer, prompt: str | Messages, response: str) -> lis
     return ids_of_responses(tokenizer, prompt, [response])[0]
 
 
+def prompt_token_ids(tokenizer, prompt: str | Messages) -> list[int]:
+    """Token ids of a prompt (a user message or a conversation) through the chat template, ending with the
+    generation prompt (the assistant header): where every sampler starts and every scored sequence begins."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])
+
+
 def ids_of_responses(tokenizer, prompt: str | Messages, responses: list[str]) -> list[list[int]]:
     """`prompt_response_ids` for several responses to one prompt, which is templated once (the slow part)."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    prompt_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=True)["input_ids"])
+    prompt_ids = prompt_token_ids(tokenizer, prompt)
     answers = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     return [prompt_ids + list(answer) + [tokenizer.eos_token_id] for answer in answers]
 

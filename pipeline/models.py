@@ -96,17 +96,12 @@ RENAMED_ATTRIBUTE_WARNINGS = (r"`(is_)?gradient_checkpointing` is deprecated",)
 SHARED_TENSOR_NOTICE = re.compile(r"Removed shared tensor \{(.*)\} while saving")
 
 
-def is_tied_output_embedding_notice(record: logging.LogRecord) -> bool:
-    """Accelerate's notice that it saved a tied output embedding (lm_head.weight) once, with the input embedding.
-
-    Resuming re-ties it (the resume tests check the weights bit for bit), so the notice asks the user to verify
-    what is already verified. A shared tensor of any other name is reported as before."""
-    match = SHARED_TENSOR_NOTICE.search(record.getMessage())
-    return bool(match) and all(name.strip(" '\"").endswith("lm_head.weight") for name in match.group(1).split(","))
-
-
 def keep_unless_tied_output_embedding_notice(record: logging.LogRecord) -> bool:
-    return not is_tied_output_embedding_notice(record)
+    """A logging filter: drop Accelerate's notice that it saved a tied output embedding (lm_head.weight) once, with
+    the input embedding. Resuming re-ties it (the resume tests check the weights bit for bit), so the notice asks
+    the user to verify what is already verified. A shared tensor of any other name is reported as before."""
+    match = SHARED_TENSOR_NOTICE.search(record.getMessage())
+    return not (match and all(name.strip(" '\"").endswith("lm_head.weight") for name in match.group(1).split(",")))
 
 
 def quiet_library_warnings() -> None:

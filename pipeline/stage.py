@@ -19,7 +19,7 @@ import torch
 from pipeline.checkpoints import OutputWriteError, latest_checkpoint, read_manifest, remove_stale_temporaries
 from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.stage_graph import (
-    EXTERNAL_MODEL, changed_inputs, input_record, set_aside, stage_identity, starting_model_source)
+    EXTERNAL_MODEL, changed_inputs, set_aside, stage_identity, starting_model_source, upstream_final_dir)
 
 def parse_stage_arguments(stage: str, argv: list[str] | None = None) -> tuple[PipelineConfig, bool]:
     """Parse `--config FILE [--restart] [key=value ...]`; a bad config exits 2 with one line naming the key."""
@@ -186,4 +186,4 @@ def stage_input_model(config: PipelineConfig, stage: str) -> str:
     source = starting_model_source(config, stage)
     if source == EXTERNAL_MODEL:
         return config.model.name_or_path
-    return input_record(config, stage, source, write_cache=False)["path"]
+    return str(upstream_final_dir(config, stage, source))

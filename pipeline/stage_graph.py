@@ -49,8 +49,9 @@ class StageNode:
         return ((self.starts_from,) if self.starts_from else ()) + self.also_reads
 
 
-# The reward stage samples the SFT policy as PPO will (temperature, response length, PPO's prompts) to fix its
-# score normalisation, so those PPO keys are part of the reward model's identity too.
+# The reward stage samples the SFT policy as PPO will (temperature, response length, PPO's prompts, in batches of
+# PPO's rollout size, which decide the random draws) to fix its score normalisation, so those PPO keys are part
+# of the reward model's identity too.
 STAGE_GRAPH: dict[str, StageNode] = {
     "pretrain": StageNode("pretrain", ("run.seed", "model", "tokenizer", "data.builtin", "data.pretrain",
                                        "data.on_bad_rows", "pretrain"),
@@ -59,7 +60,8 @@ STAGE_GRAPH: dict[str, StageNode] = {
                              "sft"),
                      starts_from="pretrain", also_reads=(), writes=("sft",), key_metric="eval_loss"),
     "reward": StageNode("reward", ("run.seed", "model.trust_remote_code", "data.builtin", "data.reward", "data.ppo",
-                                   "data.on_bad_rows", "reward", "ppo.temperature", "ppo.response_length"),
+                                   "data.on_bad_rows", "reward", "ppo.temperature", "ppo.response_length",
+                                   "ppo.local_rollout_forward_batch_size"),
                         starts_from="sft", also_reads=(), writes=("reward",), key_metric="eval_accuracy"),
     "ppo": StageNode("ppo", ("run.seed", "model.trust_remote_code", "data.builtin", "data.ppo", "data.on_bad_rows",
                              "ppo"),
@@ -150,11 +152,17 @@ def input_record(config: PipelineConfig, stage: str, source: str, write_cache: b
         local = looks_like_local_path(name) and Path(name).is_dir()
         return {"from": EXTERNAL_MODEL, "path": str(Path(name).resolve()) if local else name,
                 "digest": cached_directory_digest(Path(name), config.run_dir, write_cache) if local else None}
+    final_dir = upstream_final_dir(config, stage, source)
+    return {"from": source, "path": str(final_dir),
+            "digest": cached_directory_digest(final_dir, config.run_dir, write_cache)}
+
+
+def upstream_final_dir(config: PipelineConfig, stage: str, source: str) -> Path:
+    """The final/ of the upstream stage `source` that `stage` reads; a ConfigError when it is not there."""
     final_dir = config.run_dir / source / "final"
     if not final_dir.is_dir():
         raise ConfigError(f"{stage}: needs the {source} stage's model at {final_dir}; run {source} first")
-    return {"from": source, "path": str(final_dir),
-            "digest": cached_directory_digest(final_dir, config.run_dir, write_cache)}
+    return final_dir
 
 
 def stage_inputs(config: PipelineConfig, stage: str, write_cache: bool = True) -> dict[str, dict[str, Any]]:

@@ -108,7 +108,6 @@ def pairwise_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor
     return (chosen_scores > rejected_scores).float().mean().item() if len(chosen_scores) else float("nan")
 
 
-
 def preference_calibration(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
                            chosen_preferred: torch.Tensor | None = None, bins: int = 10) -> dict:
     """How well the Bradley–Terry probability σ(r_chosen − r_rejected) matches how often the chosen response is

@@ -50,7 +50,8 @@ from trl import RewardTrainer
 from data.builtin_datasets import write_builtin_task
 from data.builtin_task import gold_score
 from data.formats import (
-    Messages, PreferencePair, converted_splits, ids_of_responses, preference_pairs_from_rows, prompts_from_rows)
+    Messages, PreferencePair, converted_splits, ids_of_responses, preference_pairs_from_rows, prompt_token_ids,
+    prompts_from_rows)
 from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer
 from pipeline.checkpoints import atomic_directory, write_manifest
@@ -200,8 +201,7 @@ def normalization_from_policy_samples(config: PipelineConfig, policy_path: str, 
         return RewardNormalization()
     policy = load_causal_lm(policy_path, tokenizer, config.model.trust_remote_code).eval()
     torch.manual_seed(config.run.seed)
-    prompt_ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-                  for p in prompts]
+    prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     sampling = sampling_config(config.ppo.response_length, tokenizer.eos_token_id, tokenizer.pad_token_id,
                                config.ppo.temperature)
     responses = sample_token_ids(policy, prompt_ids, sampling, config.ppo.local_rollout_forward_batch_size,

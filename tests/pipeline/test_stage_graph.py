@@ -44,7 +44,8 @@ def test_graph_declares_every_stage_and_its_downstream():
 def test_reward_identity_covers_what_its_normalisation_reads(tmp_path):
     """The reward stage samples the SFT policy at PPO's temperature and length on PPO's prompts."""
     base = config_values(smoke_config(tmp_path), "reward")
-    for override in ("ppo.temperature=0.9", "ppo.response_length=16", "data.on_bad_rows=skip"):
+    for override in ("ppo.temperature=0.9", "ppo.response_length=16", "ppo.local_rollout_forward_batch_size=8",
+                     "data.on_bad_rows=skip"):
         assert config_values(smoke_config(tmp_path, override), "reward") != base, override
     assert config_values(smoke_config(tmp_path, "ppo.kl_coef=0.5"), "reward") == base
 
