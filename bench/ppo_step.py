@@ -49,41 +49,26 @@ def ppo_settings(shape: PPOBenchShape):
 
 
 def prepared_models(shape: PPOBenchShape, lora: bool, accelerator) -> dict:
-    """The four models of bench/side_by_side.py, set up as stages/ppo.py's run_ppo sets up its own: policy and
-    critic as one prepared PolicyAndValue with one optimizer, the reward model behind a RewardScorer."""
-    from trl.trainer.utils import disable_dropout_in_model
-
-    import stages.ppo as ppo
-    from pipeline.engines import PolicyAndValue, configure_deepspeed, place_frozen_model
-    from pipeline.models import attention_for_precision, configure_generation
+    """The four models of bench/side_by_side.py, set up by the stage's own `prepare_ppo_models`: policy and critic
+    as one prepared PolicyAndValue with one optimizer, the reward model behind a RewardScorer."""
+    from pipeline.models import configure_generation
+    from pipeline.ppo_models import ValueModel, prepare_ppo_models
 
     tokenizer = special_tokens_tokenizer()
     models = llama_models(shape, tokenizer)
     policy, reference = models["policy"], models["reference"]
     configure_generation(policy, tokenizer)
     if lora:
-        from peft import LoraConfig, get_peft_model
-
         from pipeline.config import PeftSection
+        from pipeline.models import with_lora_adapter
 
-        peft = PeftSection()
-        policy = get_peft_model(policy, LoraConfig(r=peft.r, lora_alpha=peft.lora_alpha, lora_dropout=0.0,
-                                                   target_modules=peft.target_modules, task_type="CAUSAL_LM"))
+        policy = with_lora_adapter(policy, PeftSection())
         reference = None  # as in the stage: the policy with its adapter disabled
-    critic, reward_model = ppo.ValueModel(models["value"]), models["reward"]
-    for model in (policy, reference, critic, reward_model):
-        if model is not None:
-            disable_dropout_in_model(model)
-            attention_for_precision(model, accelerator.mixed_precision == "bf16", accelerator.device)
     settings = ppo_settings(shape)
-    model = PolicyAndValue(policy, critic)
-    optimizer = ppo.build_optimizer(model, settings)
-    configure_deepspeed(accelerator, settings.per_device_train_batch_size, settings.gradient_accumulation_steps,
-                        settings.max_grad_norm)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, reference, reward_scorer = prepare_ppo_models(
+        policy, reference, ValueModel(models["value"]), models["reward"], settings, accelerator)
     return {"tokenizer": tokenizer, "model": model, "optimizer": optimizer, "settings": settings,
-            "reward_scorer": place_frozen_model(ppo.RewardScorer(reward_model), accelerator),
-            "reference": place_frozen_model(reference, accelerator) if reference is not None else None}
+            "reward_scorer": reward_scorer, "reference": reference}
 
 
 def synchronize() -> None:
@@ -142,13 +127,10 @@ def sft_steps(shape: PPOBenchShape, lora: bool) -> torch.nn.Module:
     accelerator = Accelerator(mixed_precision="bf16" if shape.dtype == "bf16" else "no")
     policy = llama_models(shape, special_tokens_tokenizer())["policy"]
     if lora:
-        from peft import LoraConfig, get_peft_model
-
         from pipeline.config import PeftSection
+        from pipeline.models import with_lora_adapter
 
-        peft = PeftSection()
-        policy = get_peft_model(policy, LoraConfig(r=peft.r, lora_alpha=peft.lora_alpha, lora_dropout=0.0,
-                                                   target_modules=peft.target_modules, task_type="CAUSAL_LM"))
+        policy = with_lora_adapter(policy, PeftSection())
     attention_for_precision(policy, shape.dtype == "bf16", accelerator.device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
     policy, optimizer = accelerator.prepare(policy, optimizer)

@@ -1,6 +1,7 @@
 """The built-in task's datasets, as the stages read them: pretraining stories, SFT dialogues, ranked responses
-and prompt-only splits, generated from the world and the judge in data/builtin_task.py and written once per run
-directory as jsonl files (rewritten only when the task config or TASK_VERSION changes)."""
+and prompt-only splits, generated from the world in data/builtin_task.py (responses ranked by the annotator of
+data/gold_judge.py) and written once per run directory as jsonl files (rewritten only when the task config or
+TASK_VERSION changes)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
-from data.builtin_task import (
-    TASK_VERSION, BuiltinTaskConfig, annotator_ranking, draw_prompt, gold_score, pretraining_stories, sample_response)
+from data.builtin_task import TASK_VERSION, BuiltinTaskConfig, draw_prompt, pretraining_stories, sample_response
+from data.gold_judge import annotator_ranking, gold_score
 
 
 def user_message(text: str) -> list[dict[str, str]]:

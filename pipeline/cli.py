@@ -99,7 +99,8 @@ def command_run(arguments: argparse.Namespace) -> int:
 
 
 def command_plan(arguments: argparse.Namespace) -> int:
-    from pipeline.memory_plan import format_plan, machine_hardware, plan_run
+    from pipeline.hardware import machine_hardware
+    from pipeline.memory_plan import format_plan, plan_run
 
     config = load_config(arguments.config, arguments.overrides)
     set_offline_mode(config.run.offline)

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from data.builtin_task import gold_score
-from data.formats import prompts_from_rows
+from data.formats import prompt_token_ids, prompts_from_rows
+from data.gold_judge import gold_score
 from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer
 from pipeline.checkpoints import read_manifest
@@ -20,7 +20,7 @@ from pipeline.config import ConfigError, DatasetSource
 from pipeline.models import load_causal_lm
 from pipeline.rollout import reward_scores, sample_token_ids, sampling_config, sequence_logprobs
 from pipeline.stage_graph import compared_checkpoints
-from reward_model import RewardNormalization, load_reward_model
+from reward_model import RewardNormalization, load_reward_model, require_same_vocabulary
 
 POLICIES = ("pretrain", "sft", "ppo")
 
@@ -61,12 +61,6 @@ def evaluation_prompts(run_dir: Path, ppo_config: dict[str, Any]) -> tuple[list[
     return [c[-1]["content"] for c in conversations], False
 
 
-def chat_prompt_ids(tokenizer, text: str) -> list[int]:
-    """Token ids of a user message with the chat template's generation prompt, as PPO encodes its prompts."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=True)["input_ids"]
-
-
 @torch.no_grad()
 def sample_policy(model, tokenizer, prompt_ids: list[list[int]], samples_per_prompt: int, temperature: float,
                   max_new_tokens: int, seed: int, batch_size: int = 64, description: str | None = None
@@ -85,7 +79,7 @@ def policy_samples(models: dict[str, Any], tokenizer, reward_model, normalizatio
                    builtin: bool) -> list[Sample]:
     """Every policy's samples, scored as PPO scores its rollouts (the token ids as sampled, EOS only where the
     policy produced it), with each non-SFT sample's log-likelihood ratio to the SFT policy: a KL estimate."""
-    prompt_ids = [chat_prompt_ids(tokenizer, text) for text in texts]
+    prompt_ids = [prompt_token_ids(tokenizer, text) for text in texts]
     pad = tokenizer.pad_token_id
     samples: list[Sample] = []
     for name, model in models.items():
@@ -139,9 +133,7 @@ def compare_run(run_dir: Path, prompts: int | None = None, samples_per_prompt: i
     reward_model, reward_tokenizer = load_reward_model(str(reward_dir))
     normalization = RewardNormalization.load(reward_dir)
     tokenizer = load_tokenizer(policies["sft"])
-    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(f"{run_dir}: the policies and the reward model use different tokenizers; the comparison "
-                          f"scores token ids as PPO does, so both must come from the same SFT checkpoint")
+    require_same_vocabulary(tokenizer, reward_tokenizer, str(run_dir))
     models = {name: load_causal_lm(path, tokenizer).eval() for name, path in policies.items()}
 
     samples = policy_samples(models, tokenizer, reward_model, normalization, texts, samples_per_prompt, temperature,

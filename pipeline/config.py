@@ -3,27 +3,25 @@
 Stage sections that feed a transformers/TRL argument class (`sft` → `SFTConfig`, `reward` → `RewardConfig`)
 take that class's field names, so what a user knows about TRL carries over; our own sections (`pretrain`,
 `ppo`) borrow the `TrainingArguments` names where one exists.
+
+This module declares what a run config is (its sections and their defaults) and loads one; reading YAML and
+typing it is pipeline/config_parsing.py, checking the values is pipeline/config_validation.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from data.builtin_task import BuiltinTaskConfig
+from pipeline.config_parsing import (
+    ConfigError, apply_override, coerce, dataclass_from_dict, read_yaml_mapping, unknown_key_message)
+from pipeline.config_validation import validate
 
 STAGES = ("pretrain", "sft", "reward", "ppo")
-
-
-class ConfigError(ValueError):
-    """A config problem, reported to the user as one line naming the key."""
 
 
 @dataclass
@@ -196,108 +194,22 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not UTF-8 text") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        raw = read_yaml_mapping(path)
+    config = config_from_mapping(raw, overrides)
+    config.source = str(path) if path is not None else None
+    validate(config, STAGES)
+    return config
+
+
+def config_from_mapping(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Typed sections from a mapping (a YAML file's, or another config's to_dict()) with `key=value` overrides
+    applied; the values are not validated yet."""
     for override in overrides:
         apply_override(raw, override)
     config = dataclass_from_dict(PipelineConfig, raw, "")
     for stage in ("sft", "reward"):
         setattr(config, stage, trainer_section(stage, getattr(config, stage)))
-    config.source = str(path) if path is not None else None
-    validate(config)
     return config
-
-
-def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`3`, `true`, `[a, b]`, `null`)."""
-    key, sep, text = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {override!r} is not of the form key=value")
-    try:
-        value = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError:
-        value = text
-    *parents, leaf = key.split(".")
-    node = raw
-    for depth, part in enumerate(parents):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {'.'.join(parents[: depth + 1])} is not a section")
-        node = child
-    node[leaf] = value
-
-
-def dataclass_from_dict(cls: type, raw: Any, prefix: str) -> Any:
-    """Build dataclass `cls` from a dict, naming the dotted key of the first unknown or mistyped field."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
-    for key in raw:
-        if key not in known:
-            raise ConfigError(unknown_key_message(f"{prefix}{key}", str(key), known))
-    values = {key: coerce(hints[key], value, f"{prefix}{key}") for key, value in raw.items()}
-    return cls(**values)
-
-
-def unknown_key_message(dotted: str, key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
-    return f"{dotted}: unknown key{hint}"
-
-
-def coerce(hint: Any, value: Any, dotted: str) -> Any:
-    """Check `value` against a type hint (dataclasses, unions, Literal, list, scalars); return it typed."""
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        if value is None:
-            raise ConfigError(f"{dotted}: must be a mapping, got null")
-        return dataclass_from_dict(hint, value, f"{dotted}.")
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in (o for o in options if o is not type(None)):
-            try:
-                return coerce(option, value, dotted)
-            except ConfigError as error:
-                errors.append(error)
-        raise errors[-1] if len(errors) == 1 else ConfigError(f"{dotted}: expected {describe(hint)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{dotted}: must be one of {', '.join(map(str, choices))}; got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{dotted}: expected a list, got {value!r}")
-        (item,) = typing.get_args(hint) or (Any,)
-        return [coerce(item, v, f"{dotted}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or hint is Any:
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:  # YAML 1.1 reads `3e-4` as a string
-            return float(value)
-        except ValueError:
-            pass
-    if isinstance(hint, type) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
-        raise ConfigError(f"{dotted}: expected {describe(hint)}, got {type(value).__name__} {value!r}")
-    return value
 
 
 def trainer_section(stage: str, raw: dict[str, Any]) -> dict[str, Any]:
@@ -321,115 +233,8 @@ def trainer_section(stage: str, raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def trainer_arguments_class(stage: str) -> type:
+    """TRL's argument class behind a trainer section (imported on use: importing this module for ConfigError or
+    a section class must not import TRL)."""
     from trl import RewardConfig, SFTConfig
 
     return {"sft": SFTConfig, "reward": RewardConfig}[stage]
-
-
-def describe(hint: Any) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(describe(a) for a in typing.get_args(hint))
-    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def validate(config: PipelineConfig) -> None:
-    """Check values that are well typed but impossible, and combinations that cannot work."""
-    run, model, tokenizer, pretrain = config.run, config.model, config.tokenizer, config.pretrain
-    require(bool(run.name) and "/" not in run.name and run.name not in (".", ".."),
-            f"run.name: must be a plain directory name, got {run.name!r}")
-    require(bool(run.stages), "run.stages: must name at least one stage")
-    for i, stage in enumerate(run.stages):
-        require(stage in STAGES, unknown_key_message(f"run.stages[{i}]", stage, list(STAGES)).replace("key", "stage"))
-    require(run.keep_last_checkpoints >= 1, "run.keep_last_checkpoints: must be at least 1")
-    if run.accelerate_config is not None:
-        require(Path(run.accelerate_config).is_file(), f"run.accelerate_config: file {run.accelerate_config} does not exist")
-    positive = {
-        "model.num_hidden_layers": model.num_hidden_layers, "model.hidden_size": model.hidden_size,
-        "model.num_attention_heads": model.num_attention_heads, "model.intermediate_size": model.intermediate_size,
-        "model.max_position_embeddings": model.max_position_embeddings, "tokenizer.vocab_size": tokenizer.vocab_size,
-        "tokenizer.training_texts": tokenizer.training_texts,
-        **{f"pretrain.{k}": getattr(pretrain, k) for k in (
-            "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-            "seq_length", "eval_steps", "eval_batches", "logging_steps", "save_steps")},
-    }
-    for key, value in positive.items():
-        require(value > 0, f"{key}: must be positive, got {value}")
-    require(model.hidden_size % model.num_attention_heads == 0,
-            f"model.hidden_size: {model.hidden_size} is not divisible by model.num_attention_heads={model.num_attention_heads}")
-    require(tokenizer.vocab_size >= 300, f"tokenizer.vocab_size: must be at least 300 (256 bytes + special tokens), got {tokenizer.vocab_size}")
-    require(pretrain.seq_length <= model.max_position_embeddings,
-            f"pretrain.seq_length: {pretrain.seq_length} exceeds model.max_position_embeddings={model.max_position_embeddings}")
-    require(pretrain.learning_rate > 0, f"pretrain.learning_rate: must be positive, got {pretrain.learning_rate}")
-    require(0 <= pretrain.min_learning_rate_ratio <= 1, "pretrain.min_learning_rate_ratio: must be within [0, 1]")
-    require(pretrain.warmup_steps >= 0, f"pretrain.warmup_steps: must not be negative, got {pretrain.warmup_steps}")
-    require(pretrain.max_grad_norm > 0, f"pretrain.max_grad_norm: must be positive, got {pretrain.max_grad_norm}")
-    validate_trainer_sections(config)
-    validate_ppo(config.ppo, model)
-    for name in ("pretrain", "sft", "reward", "ppo"):
-        source = getattr(config.data, name)
-        if source is not None:
-            require(0 < source.eval_fraction < 1, f"data.{name}.eval_fraction: must be within (0, 1)")
-            if looks_like_local_path(source.path):
-                require(Path(source.path).exists(), f"data.{name}.path: file {source.path} does not exist")
-    try:
-        config.data.builtin.validate()
-    except ValueError as error:
-        raise ConfigError(f"data.builtin.{error}") from None
-    if model.name_or_path is not None and looks_like_local_path(model.name_or_path):
-        require(Path(model.name_or_path).is_dir(), f"model.name_or_path: directory {model.name_or_path} does not exist")
-    if tokenizer.name_or_path is not None and looks_like_local_path(tokenizer.name_or_path):
-        require(Path(tokenizer.name_or_path).is_dir(), f"tokenizer.name_or_path: directory {tokenizer.name_or_path} does not exist")
-
-
-def validate_trainer_sections(config: PipelineConfig) -> None:
-    for stage in ("sft", "reward"):
-        section = getattr(config, stage)
-        for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length"):
-            if section.get(key) is not None and key in section:
-                require(section[key] > 0 or (key == "max_steps" and section[key] == -1),
-                        f"{stage}.{key}: must be positive, got {section[key]}")
-        require(section.get("learning_rate", 1) > 0, f"{stage}.learning_rate: must be positive")
-        if section.get("max_length") is not None:
-            require(section["max_length"] <= config.model.max_position_embeddings or config.model.name_or_path is not None,
-                    f"{stage}.max_length: {section['max_length']} exceeds model.max_position_embeddings="
-                    f"{config.model.max_position_embeddings}")
-        if stage == "reward":
-            require(section["normalization_samples"] > 0, "reward.normalization_samples: must be positive")
-            require(section["margin"] >= 0, "reward.margin: must not be negative")
-
-
-def validate_ppo(ppo: PPOSection, model: ModelSection) -> None:
-    for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches",
-                "num_ppo_epochs", "local_rollout_forward_batch_size", "response_length", "logging_steps",
-                "save_steps", "sample_steps", "kl_horizon"):
-        require(getattr(ppo, key) > 0, f"ppo.{key}: must be positive, got {getattr(ppo, key)}")
-    for key in ("temperature", "learning_rate", "value_learning_rate", "max_grad_norm"):
-        require(getattr(ppo, key) > 0, f"ppo.{key}: must be positive, got {getattr(ppo, key)}")
-    for key in ("cliprange", "cliprange_value"):
-        require(0 < getattr(ppo, key) < 1, f"ppo.{key}: must be within (0, 1), got {getattr(ppo, key)}")
-    for key in ("gamma", "lam"):
-        require(0 <= getattr(ppo, key) <= 1, f"ppo.{key}: must be within [0, 1], got {getattr(ppo, key)}")
-    require(ppo.kl_coef >= 0, f"ppo.kl_coef: must not be negative, got {ppo.kl_coef}")
-    require(ppo.weight_decay >= 0, f"ppo.weight_decay: must not be negative, got {ppo.weight_decay}")
-    require(ppo.vf_coef > 0, f"ppo.vf_coef: must be positive, got {ppo.vf_coef}")
-    if ppo.target_kl is not None:
-        require(ppo.target_kl > 0, f"ppo.target_kl: must be positive, got {ppo.target_kl}")
-    if model.name_or_path is None:
-        require(ppo.response_length < model.max_position_embeddings,
-                f"ppo.response_length: {ppo.response_length} leaves no room for a prompt in "
-                f"model.max_position_embeddings={model.max_position_embeddings}")
-
-
-DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".gz")
-
-
-def looks_like_local_path(text: str) -> bool:
-    """Hub ids are `name` or `org/name`; a leading ./ or / , more parts, a data file's suffix, or an existing
-    path is local. A dot alone does not make a path: `Qwen/Qwen2.5-0.5B-Instruct` is a hub id."""
-    return (text.startswith((".", "/", "~")) or text.count("/") > 1 or Path(text).suffix.lower() in DATA_FILE_SUFFIXES
-            or Path(text).exists())

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.config import ModelSection
+from pipeline.config import ModelSection, PeftSection
 
 
 def build_llama_from_config(section: ModelSection, tokenizer: PreTrainedTokenizerBase, seed: int) -> LlamaForCausalLM:
@@ -57,6 +57,14 @@ def configure_generation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.bos_token_id = None
+
+
+def with_lora_adapter(model: PreTrainedModel, lora: PeftSection) -> torch.nn.Module:
+    """The causal LM with a LoRA adapter (peft) on `lora.target_modules`: only the adapter trains."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                                            target_modules=lora.target_modules, task_type="CAUSAL_LM"))
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from data.formats import converted_splits, dialogues_from_rows, preference_pairs_from_rows, prompts_from_rows
 from data.loading import texts_from_rows
-from pipeline.config import ConfigError, PipelineConfig, looks_like_local_path
+from pipeline.config import ConfigError, PipelineConfig
+from pipeline.config_validation import looks_like_local_path
 
 DATASET_CHECKS = {
     "pretrain": lambda rows, where, on_bad: texts_from_rows(rows, where),

@@ -250,6 +250,17 @@ def prompt_response_batch(prompts: list[list[int]], responses: list[list[int]], 
     return torch.cat([queries, answers], 1), torch.cat([query_mask, answer_mask], 1), answer_mask.bool()
 
 
+def response_logits(policy, sequences: torch.Tensor, attention_mask: torch.Tensor, context_length: int
+                    ) -> torch.Tensor:
+    """Logits that predict each response token (the position before it), for sequences whose responses start at
+    column `context_length`. Only those positions go through the LM head: prompts are often longer than
+    responses, and the head is a large share of a small model's work."""
+    response_length = sequences.shape[1] - context_length
+    logits = policy(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_of(attention_mask),
+                    logits_to_keep=response_length + 1).logits
+    return logits[:, :-1]
+
+
 @torch.no_grad()
 def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], temperature: float,
                       pad_token_id: int, batch_size: int = 32, description: str | None = None) -> list[float]:
@@ -261,10 +272,9 @@ def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]
                       leave=False):
         sequences, attention_mask, mask = (t.to(device) for t in prompt_response_batch(
             prompts[start: start + batch_size], responses[start: start + batch_size], pad_token_id))
-        width = mask.shape[1]
-        logits = model(input_ids=sequences, attention_mask=attention_mask,
-                       position_ids=position_ids_of(attention_mask), logits_to_keep=width + 1).logits[:, :-1]
-        logprobs = logprobs_of_tokens(logits, sequences[:, -width:], temperature)
+        context_length = sequences.shape[1] - mask.shape[1]
+        logits = response_logits(model, sequences, attention_mask, context_length)
+        logprobs = logprobs_of_tokens(logits, sequences[:, context_length:], temperature)
         totals += logprobs.masked_fill(~mask, 0.0).sum(1).tolist()
     return totals
 

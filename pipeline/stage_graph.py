@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.checkpoints import read_manifest, write_json_atomically
-from pipeline.config import STAGES, ConfigError, PipelineConfig, looks_like_local_path
+from pipeline.config import STAGES, ConfigError, PipelineConfig
+from pipeline.config_validation import looks_like_local_path
 
 DIGEST_CACHE = ".digests.json"
 STALE_DIR = "stale"  # RUN_DIR/stale/<stage>-<time>/: outputs set aside, never deleted by the pipeline

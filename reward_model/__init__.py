@@ -37,6 +37,17 @@ def load_reward_model(name_or_path: str | Path, trust_remote_code: bool = False
     return model, tokenizer
 
 
+def require_same_vocabulary(policy_tokenizer: PreTrainedTokenizerBase, reward_tokenizer: PreTrainedTokenizerBase,
+                            where: str) -> None:
+    """PPO and the comparison score the policy's token ids with the reward model as they are, without decoding:
+    both must read them as the same tokens."""
+    if reward_tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"{where}: the policy and the reward model use different tokenizers; token ids are scored "
+                          f"as sampled, so train the reward model from the policy's SFT checkpoint")
+
+
 def score_token_ids(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scores [B] of tokenized prompt+response sequences, left or right padded: the head's output at the last
     position the mask keeps (the EOS), with positions counted over real tokens so left padding changes nothing."""

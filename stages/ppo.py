@@ -5,7 +5,8 @@
 Each step: sample responses to a batch of prompts (rollout), score them with the reward model and the
 reference policy (experience), compute per-token rewards and GAE advantages, then run num_ppo_epochs of
 clipped policy and value updates over shuffled minibatches. The details that decide whether PPO works are
-listed in ../shared/PPO_NOTES.md; the math lives in pipeline/policy_gradient.py.
+listed in ../shared/PPO_NOTES.md; the math lives in pipeline/policy_gradient.py, the models and the forwards
+through them in pipeline/ppo_models.py.
 
 Engines (pipeline/engines.py): the policy and the value model train as one PolicyAndValue with one AdamW (policy
 and critic learning rates in its parameter groups), because DeepSpeed and FSDP2 prepare one model; its gradient
@@ -30,30 +31,30 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification
-from trl.trainer.utils import disable_dropout_in_model
 
 from data.builtin_datasets import write_builtin_task
-from data.builtin_task import gold_score
 from data.formats import prompts_from_rows
+from data.gold_judge import gold_score
 from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer
 from pipeline.batches import epoch_order, left_pad
 from pipeline.config import ConfigError, PipelineConfig, PPOSection
 from pipeline.custom_loop import CustomLoop
 from pipeline.engines import (
-    PolicyAndValue, accumulation_boundary, backward, clipped_gradient_norm, configure_deepspeed, engine_of,
-    gathered_if_partitioned, place_frozen_model, policy_for_generation, save_final_model)
+    PolicyAndValue, accumulation_boundary, backward, clipped_gradient_norm, engine_of, policy_for_generation,
+    save_final_model)
 from pipeline.faults import (
     poison_gradients_if_requested, poison_weights_if_requested, require_finite_gradient_norms, require_finite_weights)
-from pipeline.models import attention_for_precision, count_parameters, load_causal_lm
+from pipeline.models import count_parameters
 from pipeline.policy_gradient import (
-    clipped_policy_loss, clipped_value_loss, entropy_from_logits, gae_advantages, kl_controller_from_config,
-    kl_per_token, logprobs_of_tokens, masked_mean, masked_whiten, minibatch_statistics, per_token_rewards,
-    response_mask)
-from pipeline.rollout import position_ids_of, sample_batch, sampling_config
+    clipped_policy_loss, clipped_value_loss, gae_advantages, kl_controller_from_config, kl_per_token,
+    logprobs_of_tokens, masked_mean, masked_whiten, minibatch_statistics, per_token_rewards, response_mask)
+from pipeline.ppo_models import (
+    RewardScorer, build_critic, build_policy, policy_context_length, prepare_ppo_models, response_logits_and_values,
+    scoring_forwards)
+from pipeline.rollout import sample_batch, sampling_config
 from pipeline.stage import run_stage_main, seed_everything, stage_input_model
-from reward_model import RewardNormalization, load_reward_model, score_token_ids
+from reward_model import RewardNormalization, load_reward_model, require_same_vocabulary
 
 STAGE = "ppo"
 
@@ -98,92 +99,7 @@ def prompt_indices(step: int, settings: PPOSection, num_prompts: int, seed: int,
     return order[start: start + local]
 
 
-# ---------------------------------------------------------------- models
-class ValueModel(torch.nn.Module):
-    """Per-token values from a sequence-classification model: its scalar head applied at every position, in the
-    units of PPO's rewards. A critic read from the reward model gets the reward normalisation folded into its head
-    (weight/σ, bias −μ/σ): raw scores would leak a constant offset into every advantage near the EOS."""
-
-    def __init__(self, classifier: torch.nn.Module, normalization: RewardNormalization | None = None):
-        super().__init__()
-        classifier.score = head_in_reward_units(classifier.score, normalization or RewardNormalization())
-        self.classifier = classifier
-
-    def forward(self, input_ids, attention_mask, position_ids):
-        backbone = getattr(self.classifier, self.classifier.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-        return self.classifier.score(hidden).squeeze(-1).float()
-
-
-def head_in_reward_units(head: torch.nn.Linear, normalization: RewardNormalization) -> torch.nn.Linear:
-    """A scalar head with a bias whose output is normalization.apply(head(h)). The Llama classifier's head has no
-    bias, and the critic needs one to carry −μ/σ; the bias trains with the rest (saved in every checkpoint)."""
-    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True, device=head.weight.device,
-                             dtype=head.weight.dtype)
-    with torch.no_grad(), gathered_if_partitioned(list(head.parameters())):
-        bias = head.bias if head.bias is not None else torch.zeros_like(biased.bias)
-        biased.weight.copy_(head.weight / normalization.std)
-        biased.bias.copy_((bias - normalization.mean) / normalization.std)
-    return biased
-
-
-def build_policy(config: PipelineConfig, policy_path: str, tokenizer):
-    policy = load_causal_lm(policy_path, tokenizer, config.model.trust_remote_code)
-    if config.ppo.peft is not None:
-        from peft import LoraConfig, get_peft_model
-
-        lora = config.ppo.peft
-        policy = get_peft_model(policy, LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                                                   target_modules=lora.target_modules, task_type="CAUSAL_LM"))
-        return policy, None  # the reference is the same model with the adapter disabled: no second copy
-    reference = load_causal_lm(policy_path, tokenizer, config.model.trust_remote_code)
-    return policy, reference
-
-
-def build_critic(config: PipelineConfig, policy_path: str, reward_path: Path, tokenizer) -> ValueModel:
-    from_reward = config.ppo.critic_init == "reward"
-    classifier = AutoModelForSequenceClassification.from_pretrained(
-        str(reward_path) if from_reward else policy_path, num_labels=1, use_safetensors=True, dtype=torch.float32,
-        trust_remote_code=config.model.trust_remote_code)
-    classifier.config.pad_token_id = tokenizer.pad_token_id
-    # A critic read from the reward model starts at the normalised score PPO is rewarded with.
-    normalization = RewardNormalization.load(reward_path) if from_reward and config.ppo.normalize_reward else None
-    return ValueModel(classifier, normalization)
-
-
-def response_logits(policy, sequences, attention_mask, context_length: int) -> torch.Tensor:
-    """Logits that predict each response token (the position before it). Only those positions go through the
-    LM head: prompts are often longer than responses, and the head is a large share of a small model's work."""
-    response_length = sequences.shape[1] - context_length
-    logits = policy(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_of(attention_mask),
-                    logits_to_keep=response_length + 1).logits
-    return logits[:, :-1]
-
-
-def response_logits_and_values(model: PolicyAndValue, sequences, attention_mask, context_length: int,
-                               values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`response_logits` of the policy and the values at the same positions (each response token's value is read at
-    the token before it), from one forward through the prepared PolicyAndValue; `values=False` skips the critic."""
-    response_length = sequences.shape[1] - context_length
-    logits, per_token_values = model(sequences, attention_mask, position_ids_of(attention_mask),
-                                     logits_to_keep=response_length + 1, values=values)
-    return logits[:, :-1], per_token_values[:, context_length - 1: -1] if values else None
-
-
-class RewardScorer(torch.nn.Module):
-    """The reward model as one module whose forward scores token ids (`score_token_ids`): under FSDP2 a model's
-    weights are gathered by its own forward, not by calls into its backbone and head."""
-
-    def __init__(self, reward_model: torch.nn.Module):
-        super().__init__()
-        self.reward_model = reward_model
-        self.config = reward_model.config  # TRL's prepare_deepspeed sizes ZeRO-3 buckets from it
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return score_token_ids(self.reward_model, input_ids, attention_mask)
-
-
-# ---------------------------------------------------------------- experience
+# ---------------------------------------------------------------- rollout and experience
 @dataclass
 class Experience:
     sequences: torch.Tensor  # prompt + response ids [B, Lq + T]
@@ -227,34 +143,15 @@ def generate_rollout(model: PolicyAndValue, tokenizer, queries, query_mask, sett
 def score_rollout(rollout: Rollout, model: PolicyAndValue, reference, reward_scorer: RewardScorer, normalization,
                   kl_value: float, settings: PPOSection, accelerator: Accelerator
                   ) -> tuple[Experience, dict[str, torch.Tensor]]:
-    """Old logprobs, reference logprobs, values and scores by no-grad forwards through the training code path
-    (not `generate`'s scores, which differ under bf16 autocast); then per-token rewards and GAE advantages.
-    `reference` is None for a LoRA policy: the policy with its adapter off. Every process runs the same number of
-    forwards (chunks of equally many rollouts), as sharded engines need."""
-    context_length, chunk, mask = rollout.queries.shape[1], settings.local_rollout_forward_batch_size, rollout.mask
+    """The experience of a rollout: old logprobs, reference logprobs, values and scores from the models
+    (`scoring_forwards`: the training code path, in equal chunks on every process), then per-token rewards and
+    whitened GAE advantages. `reference` is None for a LoRA policy: the policy with its adapter off."""
+    mask = rollout.mask
     sequences = torch.cat([rollout.queries, rollout.responses], dim=1)
     attention_mask = torch.cat([rollout.query_mask, mask.long()], dim=1)
-    logprobs, ref_logprobs, values, scores, entropies = [], [], [], [], []
-    for i in range(0, len(sequences), chunk):
-        part, part_mask = sequences[i: i + chunk], attention_mask[i: i + chunk]
-        part_responses = rollout.responses[i: i + chunk]
-        # Under DDP `prepare` wraps the PolicyAndValue's forward in autocast, not the frozen models'; under FSDP2
-        # nothing does (its mixed-precision policy casts the weights). Every forward runs in the same context, or
-        # under bf16 the KL at step 0 measures precision, not policy (micro_batch_loss does the same).
-        with accelerator.autocast():
-            logits, part_values = response_logits_and_values(model, part, part_mask, context_length)
-            if reference is None:
-                with accelerator.unwrap_model(model).policy.disable_adapter():
-                    ref_logits, _ = response_logits_and_values(model, part, part_mask, context_length, values=False)
-            else:
-                ref_logits = response_logits(reference, part, part_mask, context_length)
-            scores.append(reward_scorer(part, part_mask))
-        logprobs.append(logprobs_of_tokens(logits, part_responses, settings.temperature))
-        entropies.append(entropy_from_logits(logits, settings.temperature))
-        ref_logprobs.append(logprobs_of_tokens(ref_logits, part_responses, settings.temperature))
-        values.append(part_values)
-    logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
-    values, raw_scores, entropy = torch.cat(values), torch.cat(scores).float(), torch.cat(entropies)
+    forwards = scoring_forwards(model, reference, reward_scorer, sequences, attention_mask, rollout.responses,
+                                settings.temperature, settings.local_rollout_forward_batch_size, accelerator)
+    logprobs, ref_logprobs, raw_scores = forwards.logprobs, forwards.reference_logprobs, forwards.raw_scores
 
     scores = normalization.apply(raw_scores) if settings.normalize_reward else raw_scores.clone()
     if settings.missing_eos_penalty is not None:
@@ -263,7 +160,7 @@ def score_rollout(rollout: Rollout, model: PolicyAndValue, reference, reward_sco
     rewards, non_score_rewards = per_token_rewards(scores, kl, mask, rollout.last_index, kl_value)
     if settings.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
-    values = values.masked_fill(~mask, 0.0)
+    values = forwards.values.masked_fill(~mask, 0.0)
     advantages, returns = gae_advantages(rewards, values, mask, settings.gamma, settings.lam)
     advantages = masked_whiten(advantages, mask)
 
@@ -274,7 +171,7 @@ def score_rollout(rollout: Rollout, model: PolicyAndValue, reference, reward_sco
         "objective/kl": k1.mean(), "objective/kl_k3": k3.mean(),
         "objective/non_score_reward": non_score_rewards.sum(1).mean(),
         "objective/rlhf_reward": scores.mean() + non_score_rewards.sum(1).mean(),
-        "objective/entropy": masked_mean(entropy, mask),
+        "objective/entropy": masked_mean(forwards.entropy, mask),
         "val/response_length": mask.sum(1).float().mean(), "val/eos_share": rollout.contains_eos.float().mean(),
     }
     return Experience(sequences, attention_mask, mask, logprobs, values, advantages, returns), statistics
@@ -297,21 +194,6 @@ def learning_rate_scale(step: int, settings: PPOSection) -> float:
     if settings.lr_scheduler_type == "constant":
         return 1.0
     return 1.0 - step / settings.max_steps
-
-
-def build_optimizer(model: PolicyAndValue, settings: PPOSection) -> torch.optim.AdamW:
-    """One AdamW for policy and critic (the engines prepare one optimizer), eps 1e-5 (N+ details): the policy's
-    parameters at ppo.learning_rate, the critic's at ppo.value_learning_rate (each group's `peak_lr`, scaled per
-    step by `learning_rate_scale`), ppo.weight_decay on weight matrices only: biases and norm gains keep their
-    scale, as TRL leaves them out of decay."""
-    groups = []
-    for part, peak in ((model.policy, settings.learning_rate), (model.value_model, settings.value_learning_rate)):
-        trainable = [p for p in part.parameters() if p.requires_grad]
-        groups += [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": settings.weight_decay},
-                   {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
-        for group in groups[-2:]:
-            group.update(lr=peak, peak_lr=peak)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.learning_rate, eps=1e-5)
 
 
 # The minibatch statistics, under the names TRL's PPOTrainer logs them with.
@@ -374,7 +256,7 @@ def micro_batch_loss(model: PolicyAndValue, experience: Experience, indices, tok
     attention_mask = attention_mask[:, first_real: context_length + response_width]
     mask = mask[:, :response_width]
     context_length -= first_real
-    with accelerator.autocast():  # as in score_rollout: the old logprobs came from the same context
+    with accelerator.autocast():  # as in scoring_forwards: the old logprobs came from the same context
         logits, values = response_logits_and_values(model, sequences, attention_mask, context_length)
     logprobs = logprobs_of_tokens(logits, sequences[:, context_length:], settings.temperature)
     width = mask.shape[1]
@@ -415,21 +297,10 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
     policy, reference = build_policy(config, policy_path, tokenizer)
     critic = build_critic(config, policy_path, reward_path, tokenizer)
     reward_model, reward_tokenizer = load_reward_model(str(reward_path), config.model.trust_remote_code)
-    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ConfigError("ppo: the policy and the reward model use different tokenizers; PPO scores token ids "
-                          "directly, so train the reward model from this policy's SFT checkpoint")
+    require_same_vocabulary(tokenizer, reward_tokenizer, STAGE)
     normalization = RewardNormalization.load(reward_path)
-    for model in (policy, reference, critic, reward_model):
-        if model is not None:
-            disable_dropout_in_model(model)
-            attention_for_precision(model, accelerator.mixed_precision == "bf16", accelerator.device)
-    model = PolicyAndValue(policy, critic)
-    optimizer = build_optimizer(model, settings)
-    configure_deepspeed(accelerator, settings.per_device_train_batch_size, settings.gradient_accumulation_steps,
-                        settings.max_grad_norm)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    reward_scorer = place_frozen_model(RewardScorer(reward_model), accelerator)
-    reference = place_frozen_model(reference, accelerator) if reference is not None else None
+    model, optimizer, reference, reward_scorer = prepare_ppo_models(policy, reference, critic, reward_model, settings,
+                                                                    accelerator)
     kl_controller = kl_controller_from_config(settings.kl_coef, settings.target_kl, settings.kl_horizon)
 
     step, state = loop.resume()
@@ -494,14 +365,6 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
     return loop.finish(step, seconds_per_step=round((time.time() - loop.started) / max(step - loop.first_step, 1), 3),
                        metrics={k: last.get(k) for k in ("objective/scores", "objective/kl", "objective/gold_score",
                                                           "val/response_length", "val/eos_share")})
-
-
-def policy_context_length(policy_path: str, config: PipelineConfig) -> int:
-    """The policy's context length, read from its config without loading weights."""
-    from transformers import AutoConfig
-
-    model_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=config.model.trust_remote_code)
-    return getattr(model_config, "max_position_embeddings", None) or 2048
 
 
 def check_health(metrics: dict[str, float], step: int, best_eos_share: float, accelerator: Accelerator) -> None:

@@ -48,10 +48,10 @@ from datasets import Dataset
 from trl import RewardTrainer
 
 from data.builtin_datasets import write_builtin_task
-from data.builtin_task import gold_score
 from data.formats import (
     Messages, PreferencePair, converted_splits, ids_of_responses, preference_pairs_from_rows, prompt_token_ids,
     prompts_from_rows)
+from data.gold_judge import gold_score
 from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer
 from pipeline.checkpoints import atomic_directory, write_manifest

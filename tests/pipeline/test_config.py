@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, apply_override, load_config, looks_like_local_path
+from pipeline.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -61,28 +61,3 @@ def test_bad_configs_name_the_key(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
-
-
-def test_override_must_be_key_value():
-    with pytest.raises(ConfigError, match="not of the form key=value"):
-        apply_override({}, "pretrain.max_steps")
-    with pytest.raises(ConfigError, match="pretrain is not a section"):
-        apply_override({"pretrain": 3}, "pretrain.max_steps=2")
-
-
-def test_hub_ids_are_not_local_paths():
-    assert not looks_like_local_path("gpt2")
-    assert not looks_like_local_path("Anthropic/hh-rlhf")
-    assert looks_like_local_path("./model")
-    assert looks_like_local_path("data/file.jsonl")
-    assert looks_like_local_path("/abs/path")
-
-
-def test_hub_ids_with_dots_are_not_local_paths(tmp_path):
-    from pipeline.config import looks_like_local_path
-
-    assert not looks_like_local_path("Qwen/Qwen2.5-0.5B-Instruct")
-    assert not looks_like_local_path("HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert looks_like_local_path("sft.jsonl") and looks_like_local_path("data/x.jsonl.gz")
-    assert looks_like_local_path("./model") and looks_like_local_path("runs/default/sft/final")
-    assert looks_like_local_path(str(tmp_path))

@@ -22,7 +22,7 @@ from pipeline.engines import (
     Engine, PolicyAndValue, accumulation_boundary, backward, clipped_gradient_norm, configure_deepspeed, engine_of,
     fsdp2_unsharded, save_final_model)
 from pipeline.faults import require_finite_gradient_norms
-from stages.ppo import ValueModel
+from pipeline.ppo_models import ValueModel
 
 
 

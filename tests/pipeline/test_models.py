@@ -65,3 +65,14 @@ def test_library_notices_a_user_cannot_act_on_are_hidden_and_only_those(tmp_path
         assert "Removed shared tensor {'decoder.weight'}" in caplog.text  # not a tied output embedding: still said
     accelerator.load_state(tmp_path / "state")
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_lora_adapter_trains_only_its_targets(tiny_causal_lm):
+    from data.tokenizer import load_tokenizer
+    from pipeline.config import PeftSection
+    from pipeline.models import load_causal_lm, with_lora_adapter
+
+    model = with_lora_adapter(load_causal_lm(tiny_causal_lm, load_tokenizer(tiny_causal_lm)),
+                              PeftSection(r=4, target_modules=["q_proj"]))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name and "q_proj" in name for name in trainable)

@@ -106,3 +106,15 @@ def test_preference_calibration_against_the_labels_themselves():
     assert half_wrong["expected_calibration_error"] == pytest.approx(0.5, abs=1e-6)
     with pytest.raises(ValueError, match="3 chosen but 2 rejected"):
         preference_calibration(torch.zeros(3), torch.zeros(2))
+
+
+def test_policy_and_reward_model_must_read_token_ids_alike():
+    from data.tokenizer import train_bpe_tokenizer
+    from pipeline.config import ConfigError
+    from reward_model import require_same_vocabulary
+
+    first = train_bpe_tokenizer(["Mia had a red kite."] * 20, 300)
+    other = train_bpe_tokenizer(["Tom went to the park with a fox."] * 20, 300)
+    require_same_vocabulary(first, first, "ppo")
+    with pytest.raises(ConfigError, match="^ppo: the policy and the reward model use different tokenizers"):
+        require_same_vocabulary(first, other, "ppo")

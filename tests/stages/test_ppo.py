@@ -1,5 +1,6 @@
-"""PPO end to end on tiny models: the first-minibatch invariant (fp32 and bf16), the critic's units, a minibatch
-gradient independent of its split, the optimizer's settings, a learnable signal, exact resume."""
+"""PPO end to end on tiny models: the first-minibatch invariant (fp32 and bf16), a minibatch gradient independent
+of its split, the optimizer's settings, a learnable signal, exact resume. The models themselves (the critic's
+units) are tested in tests/pipeline/test_ppo_models.py."""
 
 import json
 import shutil
@@ -8,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import pipeline.ppo_models as ppo_models
 import stages.ppo as ppo
 from pipeline.batches import left_pad
 from pipeline.checkpoints import COMPLETE_MARKER, read_manifest, write_manifest
 from pipeline.config import ConfigError, PeftSection, PPOSection, load_config
 from pipeline.engines import PolicyAndValue, place_frozen_model
-from pipeline.policy_gradient import masked_mean
+from pipeline.policy_gradient import logprobs_of_tokens, masked_mean
+from pipeline.rollout import position_ids_of
 from stages.pretrain import run_pretraining
 from tests.helpers import SMOKE, assert_identical_weights, run_and_kill_when, run_stage
 
@@ -49,7 +52,7 @@ def test_prompt_order_covers_each_prompt_once_per_epoch():
 def test_left_pad_puts_prompts_against_the_response():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert ppo.position_ids_of(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert position_ids_of(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
 
 
 def build_models(run_dir: Path, settings: PPOSection, mixed_precision: str = "no"):
@@ -64,8 +67,8 @@ def build_models(run_dir: Path, settings: PPOSection, mixed_precision: str = "no
     config.ppo = settings
     policy_path = str(run_dir / "smoke" / "sft" / "final")
     tokenizer = load_tokenizer(policy_path)
-    policy, reference = ppo.build_policy(config, policy_path, tokenizer)
-    critic = ppo.build_critic(config, policy_path, run_dir / "smoke" / "reward" / "final", tokenizer)
+    policy, reference = ppo_models.build_policy(config, policy_path, tokenizer)
+    critic = ppo_models.build_critic(config, policy_path, run_dir / "smoke" / "reward" / "final", tokenizer)
     reward_model, _ = load_reward_model(str(run_dir / "smoke" / "reward" / "final"))
     accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
     for model in (policy, reference, critic, reward_model):
@@ -87,8 +90,8 @@ def test_first_minibatch_of_first_epoch_has_ratio_exactly_one(pretrained_run, mi
         pretrained_run, settings, mixed_precision)
     assert (reference is None) == lora
     model = PolicyAndValue(policy, critic)
-    model, optimizer = accelerator.prepare(model, ppo.build_optimizer(model, settings))
-    reward_scorer = place_frozen_model(ppo.RewardScorer(reward_model), accelerator)
+    model, optimizer = accelerator.prepare(model, ppo_models.build_optimizer(model, settings))
+    reward_scorer = place_frozen_model(ppo_models.RewardScorer(reward_model), accelerator)
     reference = place_frozen_model(reference, accelerator) if reference is not None else None
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Write a short story about {n}."}],
                                              add_generation_prompt=True, return_dict=True)["input_ids"]
@@ -131,7 +134,7 @@ def flat_gradient(parameters) -> torch.Tensor:
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in parameters])
 
 
-def tiny_policy_critic_and_experience() -> tuple[torch.nn.Module, ppo.ValueModel, ppo.Experience]:
+def tiny_policy_critic_and_experience() -> tuple[torch.nn.Module, ppo_models.ValueModel, ppo.Experience]:
     """A random 2-layer policy and critic, and a rollout of 8 left-padded prompts with responses of 1 to 8 tokens,
     old logprobs and values near the models' own (so some tokens clip), random advantages and returns."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
@@ -140,7 +143,7 @@ def tiny_policy_critic_and_experience() -> tuple[torch.nn.Module, ppo.ValueModel
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0,
                          num_labels=1)
     torch.manual_seed(0)
-    policy, critic = LlamaForCausalLM(config), ppo.ValueModel(LlamaForSequenceClassification(config))
+    policy, critic = LlamaForCausalLM(config), ppo_models.ValueModel(LlamaForSequenceClassification(config))
     prompt_lengths, response_lengths = [3, 6, 2, 5, 4, 6, 1, 3], [8, 1, 5, 2, 7, 3, 6, 4]
     context, width = max(prompt_lengths), max(response_lengths)
     queries = left_pad([torch.randint(3, 40, (n,)).tolist() for n in prompt_lengths], 0)
@@ -148,9 +151,9 @@ def tiny_policy_critic_and_experience() -> tuple[torch.nn.Module, ppo.ValueModel
     responses = torch.randint(3, 40, (8, width)).masked_fill(~mask, 0)
     sequences, attention_mask = torch.cat([queries[0], responses], 1), torch.cat([queries[1], mask.long()], 1)
     with torch.no_grad():
-        logits = ppo.response_logits(policy, sequences, attention_mask, context)
-        logprobs = ppo.logprobs_of_tokens(logits, responses)
-        values = critic(sequences, attention_mask, ppo.position_ids_of(attention_mask))[:, context - 1: -1]
+        logits = ppo_models.response_logits(policy, sequences, attention_mask, context)
+        logprobs = logprobs_of_tokens(logits, responses)
+        values = critic(sequences, attention_mask, position_ids_of(attention_mask))[:, context - 1: -1]
 
     def noisy(tensor, scale):
         return (tensor + scale * torch.randn_like(tensor)).masked_fill(~mask, 0.0)
@@ -192,50 +195,6 @@ def test_minibatch_gradient_is_the_same_for_any_split_and_order_of_micro_batches
         assert (gradient - reference).norm() <= 1e-5 * reference.norm(), name
 
 
-def test_critic_starts_at_the_normalised_score_of_the_reward_model(tiny_causal_lm, tmp_path):
-    """At step 0 the critic's value at each response's EOS is (score − μ)/σ, the reward PPO gives that sequence,
-    not the raw score; the folded head (bias included) is what a checkpoint saves and a resume loads."""
-    from transformers import AutoModelForSequenceClassification
-
-    from pipeline.policy_gradient import response_mask
-    from reward_model import RewardNormalization, load_reward_model, score_token_ids
-
-    torch.manual_seed(0)
-    reward_model, tokenizer = load_reward_model(tiny_causal_lm)
-    reward_dir = tmp_path / "reward"
-    reward_model.save_pretrained(reward_dir)
-    tokenizer.save_pretrained(reward_dir)
-    normalization = RewardNormalization(mean=0.7, std=2.5)
-    normalization.save(reward_dir)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    queries, query_mask = left_pad([[5, 6, 7], [8], [9, 10]], pad)
-    responses = torch.tensor([[11, 12, eos, pad], [13, eos, pad, pad], [14, 15, 16, 17]])  # the last never ends
-    mask, last_index, _ = response_mask(responses, eos)
-    sequences, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, mask.long()], 1)
-    score_position = queries.shape[1] + last_index
-    rows = torch.arange(3)
-    reward_model = load_reward_model(reward_dir)[0].eval()
-
-    config = load_config(SMOKE)
-    critic = ppo.build_critic(config, str(tiny_causal_lm), reward_dir, tokenizer).eval()
-    with torch.no_grad():
-        raw = score_token_ids(reward_model, sequences, attention_mask)
-        values = critic(sequences, attention_mask, ppo.position_ids_of(attention_mask))
-    assert (normalization.apply(raw) - raw).abs().min() > 0.1  # a critic left in raw units fails below
-    torch.testing.assert_close(values[rows, score_position], normalization.apply(raw), rtol=1e-5, atol=1e-6)
-
-    resumed = ppo.ValueModel(AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1)).eval()
-    resumed.load_state_dict(critic.state_dict())  # strict: the head's bias is part of the state
-    with torch.no_grad():
-        assert torch.equal(resumed(sequences, attention_mask, ppo.position_ids_of(attention_mask)), values)
-
-    config.ppo.normalize_reward = False  # PPO is rewarded with raw scores then: so is the critic
-    raw_critic = ppo.build_critic(config, str(tiny_causal_lm), reward_dir, tokenizer).eval()
-    with torch.no_grad():
-        raw_values = raw_critic(sequences, attention_mask, ppo.position_ids_of(attention_mask))
-    torch.testing.assert_close(raw_values[rows, score_position], raw, rtol=1e-5, atol=1e-6)
-
-
 def test_optimizer_settings_follow_trl_and_are_validated():
     """TRL's PPOConfig defaults: no weight decay (torch's AdamW would decay by 0.01 unasked) and a linear decay of
     the learning rate to 0 over max_steps, a function of the step so that a resumed run matches."""
@@ -247,10 +206,11 @@ def test_optimizer_settings_follow_trl_and_are_validated():
 
     policy, critic, _ = tiny_policy_critic_and_experience()
     model = PolicyAndValue(policy, critic)
-    optimizer = ppo.build_optimizer(model, settings)
+    optimizer = ppo_models.build_optimizer(model, settings)
     assert all(group["weight_decay"] == 0.0 and group["eps"] == 1e-5 for group in optimizer.param_groups)
     # One optimizer for the one prepared model: the policy's groups at its rate, the critic's at value_learning_rate.
-    optimizer = ppo.build_optimizer(model, PPOSection(weight_decay=0.05, learning_rate=1e-5, value_learning_rate=1e-4))
+    optimizer = ppo_models.build_optimizer(model, PPOSection(weight_decay=0.05, learning_rate=1e-5,
+                                                             value_learning_rate=1e-4))
     for (decayed, kept), part, rate in zip((optimizer.param_groups[:2], optimizer.param_groups[2:]), (policy, critic),
                                            (1e-5, 1e-4)):
         assert decayed["weight_decay"] == 0.05 and all(p.dim() == 2 for p in decayed["params"])
@@ -279,14 +239,14 @@ def test_learnable_signal_raises_reward_with_bounded_kl(pretrained_run, monkeypa
         lengths = attention_mask[:, context["width"]:].sum(1).float()
         return 1.0 - lengths / settings.response_length
 
-    monkeypatch.setattr(ppo, "score_token_ids", shortness_reward)
+    monkeypatch.setattr(ppo_models, "score_token_ids", shortness_reward)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Tell me about {n}."}],
                                              add_generation_prompt=True, return_dict=True)["input_ids"]
                for n in ("Mia", "Tom", "Ben", "Lily", "Sam", "Anna", "Max", "Zoe", "Leo", "Emma", "Jack", "Nina",
                          "the cat", "the dog", "the fox", "the bird")]
     queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
     context["width"] = queries.shape[1]
-    model, reward_scorer = PolicyAndValue(policy, critic), ppo.RewardScorer(reward_model)
+    model, reward_scorer = PolicyAndValue(policy, critic), ppo_models.RewardScorer(reward_model)
     optimizer = torch.optim.AdamW([{"params": policy.parameters(), "lr": settings.learning_rate},
                                    {"params": critic.parameters(), "lr": settings.value_learning_rate}])
     torch.manual_seed(0)
@@ -363,11 +323,11 @@ def test_a_checkpoint_generation_config_leaves_the_first_ppo_step_exact(pretrain
         tokenizer.eos_token_id, tokenizer.pad_token_id)
     assert torch.equal(rollout.responses, by_hand) and torch.equal(rollout.mask, by_hand_mask)
 
-    experience, statistics = ppo.score_rollout(rollout, model, reference, ppo.RewardScorer(reward_model),
+    experience, statistics = ppo.score_rollout(rollout, model, reference, ppo_models.RewardScorer(reward_model),
                                               normalization, 0.05, settings, accelerator)
     assert abs(statistics["objective/kl"].item()) < 1e-6
     policy.train()
-    logits = ppo.response_logits(policy, experience.sequences, experience.attention_mask, queries.shape[1])
+    logits = ppo_models.response_logits(policy, experience.sequences, experience.attention_mask, queries.shape[1])
     new_logprobs = logprobs_of_tokens(logits, rollout.responses, settings.temperature)
     ratio = torch.exp(new_logprobs - experience.old_logprobs)[experience.mask]
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-6)
@@ -376,7 +336,8 @@ def test_a_checkpoint_generation_config_leaves_the_first_ppo_step_exact(pretrain
 def test_compare_scores_and_kl_equal_what_ppo_gives_the_same_ids(pretrained_run):
     """`rlhf compare` scores a sample's token ids as PPO scored them (a truncated response stays truncated, no
     EOS added) and its KL to the SFT policy is PPO's k1 against the reference."""
-    from pipeline.compare import chat_prompt_ids, policy_samples, sample_policy
+    from data.formats import prompt_token_ids
+    from pipeline.compare import policy_samples, sample_policy
     from pipeline.policy_gradient import response_mask
     from pipeline.rollout import prompt_response_batch
     from reward_model import RewardNormalization
@@ -393,7 +354,7 @@ def test_compare_scores_and_kl_equal_what_ppo_gives_the_same_ids(pretrained_run)
     samples = [s for s in policy_samples({"sft": reference, "ppo": policy}, tokenizer, reward_model, normalization,
                                          texts, 1, settings.temperature, settings.response_length, seed=4,
                                          builtin=False) if s.policy == "ppo"]
-    prompt_ids = [chat_prompt_ids(tokenizer, t) for t in texts]
+    prompt_ids = [prompt_token_ids(tokenizer, t) for t in texts]
     drawn = sample_policy(policy, tokenizer, prompt_ids, 1, settings.temperature, settings.response_length, seed=4)
     assert [len(ids) for _, ids in drawn] == [s.length for s in samples]
     truncated = [tokenizer.eos_token_id not in ids for _, ids in drawn]
@@ -406,6 +367,7 @@ def test_compare_scores_and_kl_equal_what_ppo_gives_the_same_ids(pretrained_run)
         rollout = ppo.Rollout(sequences[:, :context], attention_mask[:, :context], sequences[:, context:], mask,
                               mask.sum(1) - 1, contains_eos)
         _, statistics = ppo.score_rollout(rollout, PolicyAndValue(policy, critic), reference,
-                                          ppo.RewardScorer(reward_model), normalization, 0.05, settings, accelerator)
+                                          ppo_models.RewardScorer(reward_model), normalization, 0.05, settings,
+                                          accelerator)
         assert sample.reward == pytest.approx(statistics["objective/scores"].item(), abs=1e-5)
         assert sample.kl_to_sft == pytest.approx(statistics["objective/kl"].item(), abs=1e-4)
