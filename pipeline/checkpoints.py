@@ -5,6 +5,7 @@
     runs/<name>/<stage>/final/             the stage's model in HF format, read by the next stage
     runs/<name>/<stage>/manifest.json      config used, input checkpoint, steps, metrics, wall time, versions
     runs/<name>/<stage>/metrics.jsonl      one line per logged step
+    runs/<name>/ppo/policy-step-<step>/    the PPO policy every ppo.policy_snapshot_steps, HF format, never pruned
 
 A checkpoint counts only once its completion marker exists. Our own stages write into a hidden temporary
 directory and rename it into place (atomic on POSIX); HF Trainer's checkpoints, written in place, get their
@@ -27,6 +28,7 @@ from typing import Any
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+POLICY_SNAPSHOT_PATTERN = re.compile(r"^policy-step-(\d+)$")
 TEMPORARY_PREFIX = ".tmp-"
 
 
@@ -69,6 +71,22 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
     """The newest complete checkpoint, or None; incomplete ones (killed mid-save) are ignored."""
     found = complete_checkpoints(stage_dir)
     return found[-1] if found else None
+
+
+def policy_snapshot_dir(stage_dir: Path, step: int) -> Path:
+    """Where a stage writes its policy after `step` steps (ppo.policy_snapshot_steps)."""
+    return Path(stage_dir) / f"policy-step-{step}"
+
+
+def policy_snapshots(stage_dir: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every policy snapshot of a stage, oldest first. Each is written atomically, so one
+    that is there is whole; half-written ones carry the temporary prefix and do not match."""
+    stage_dir = Path(stage_dir)
+    if not stage_dir.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in stage_dir.iterdir()
+             if path.is_dir() and (match := POLICY_SNAPSHOT_PATTERN.match(path.name))]
+    return sorted(found)
 
 
 def prune_checkpoints(stage_dir: Path, keep_last: int) -> None:

@@ -161,6 +161,9 @@ class PPOSection:
     logging_steps: int = 1
     save_steps: int = 20
     sample_steps: int = 20  # a table of sample completions every N steps
+    # Write the policy alone (HF format) as ppo/policy-step-<N>/ every N steps, before the final step, for `rlhf
+    # compare`'s over-optimisation curve; never pruned. None: no snapshots. Not with `peft` (see validation).
+    policy_snapshot_steps: int | None = None
     report_to: str = "auto"
 
 

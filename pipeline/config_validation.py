@@ -109,6 +109,13 @@ def validate_ppo(ppo: PPOSection, model: ModelSection) -> None:
     require(ppo.vf_coef > 0, f"ppo.vf_coef: must be positive, got {ppo.vf_coef}")
     if ppo.target_kl is not None:
         require(ppo.target_kl > 0, f"ppo.target_kl: must be positive, got {ppo.target_kl}")
+    if ppo.policy_snapshot_steps is not None:
+        require(ppo.policy_snapshot_steps >= 1,
+                f"ppo.policy_snapshot_steps: must be at least 1 (or null for none), got {ppo.policy_snapshot_steps}")
+        # The final save folds a LoRA adapter into the policy in place (pipeline/engines.py save_final_model): done
+        # mid-run, PPO would train on without its adapter.
+        require(ppo.peft is None, "ppo.policy_snapshot_steps: not available with ppo.peft yet (saving merges the "
+                                  "LoRA adapter into the training policy); remove one of them")
     if model.name_or_path is None:
         require(ppo.response_length < model.max_position_embeddings,
                 f"ppo.response_length: {ppo.response_length} leaves no room for a prompt in "

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checkpoints import OutputWriteError, latest_checkpoint, read_manifest, remove_stale_temporaries
+from pipeline.checkpoints import (
+    OutputWriteError, latest_checkpoint, policy_snapshots, read_manifest, remove_stale_temporaries)
 from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.stage_graph import (
     EXTERNAL_MODEL, changed_inputs, set_aside, stage_identity, starting_model_source, upstream_final_dir)
@@ -95,7 +96,9 @@ def plan_stage_start(config: PipelineConfig, stage: str, restart: bool, is_main_
         return StageStart(stage_dir, None, False, identity, (moved, "restarted") if moved else None)
     manifest = read_manifest(stage_dir)
     finished = manifest is not None and manifest.get("status") == "finished" and (stage_dir / "final").is_dir()
-    has_outputs = latest_checkpoint(stage_dir) is not None or (stage_dir / "final").is_dir()
+    # A policy snapshot counts: a resumed run keeps the snapshots it finds, so they must share its identity.
+    has_outputs = (latest_checkpoint(stage_dir) is not None or (stage_dir / "final").is_dir()
+                   or bool(policy_snapshots(stage_dir)))
     if manifest is not None and has_outputs:
         changed = config_differences(manifest.get("config") or {}, identity["config"])
         if changed:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from data.builtin_datasets import write_builtin_task
@@ -38,6 +39,7 @@ from data.gold_judge import gold_score
 from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer
 from pipeline.batches import epoch_order, left_pad
+from pipeline.checkpoints import policy_snapshot_dir
 from pipeline.config import ConfigError, PipelineConfig, PPOSection
 from pipeline.custom_loop import CustomLoop
 from pipeline.engines import (
@@ -352,6 +354,9 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
         progress.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}",
                              **({"gold": f"{metrics['objective/gold_score']:.2f}"} if builtin else {}))
         progress.update(1)
+        if settings.policy_snapshot_steps and step % settings.policy_snapshot_steps == 0 and step < settings.max_steps:
+            save_policy_snapshot(accelerator, model, tokenizer, policy_snapshot_dir(loop.stage_dir, step), step,
+                                 config.model.trust_remote_code)
         if loop.checkpoint_due(step):
             require_finite_weights({"policy and critic": model}, STAGE, step, accelerator)
             loop.save_checkpoint(step, {"kl_controller": kl_controller.state_dict()})
@@ -365,6 +370,21 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
     return loop.finish(step, seconds_per_step=round((time.time() - loop.started) / max(step - loop.first_step, 1), 3),
                        metrics={k: last.get(k) for k in ("objective/scores", "objective/kl", "objective/gold_score",
                                                           "val/response_length", "val/eos_share")})
+
+
+def save_policy_snapshot(accelerator: Accelerator, model: PolicyAndValue, tokenizer, directory: Path, step: int,
+                         trust_remote_code: bool = False) -> None:
+    """Every process calls it: the policy alone, gathered and written as the final one is, for `rlhf compare`'s
+    over-optimisation curve. Taken before the step's checkpoint, so a run resumed before that checkpoint finds it
+    written (by the same identity: pipeline/stage.py) and keeps it."""
+    # The main process decides: another process could see the directory appear mid-save and skip the gather.
+    if broadcast_object_list([directory.is_dir()])[0]:
+        return
+    require_finite_weights({"policy": accelerator.unwrap_model(model).policy}, STAGE, step, accelerator)
+    # Sharded engines gather into a freshly initialised CPU copy, which draws from the CPU RNG: a resumed run that
+    # skips the snapshot must go on sampling as the uninterrupted one did.
+    with torch.random.fork_rng(devices=[]):
+        save_final_model(accelerator, model, tokenizer, directory, part="policy", trust_remote_code=trust_remote_code)
 
 
 def check_health(metrics: dict[str, float], step: int, best_eos_share: float, accelerator: Accelerator) -> None:

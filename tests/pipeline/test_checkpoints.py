@@ -4,7 +4,8 @@ import pytest
 
 from pipeline.checkpoints import (
     COMPLETE_MARKER, MetricsLog, atomic_directory, complete_checkpoints, latest_checkpoint, mark_checkpoint_complete,
-    prune_checkpoints, read_manifest, remove_stale_temporaries, write_json_atomically, write_manifest)
+    policy_snapshot_dir, policy_snapshots, prune_checkpoints, read_manifest, remove_stale_temporaries,
+    write_json_atomically, write_manifest)
 
 
 def make_checkpoint(stage_dir, step, complete=True):
@@ -32,6 +33,19 @@ def test_prune_keeps_newest_complete(tmp_path):
     make_checkpoint(tmp_path, 0, complete=False)
     prune_checkpoints(tmp_path, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_policy_snapshots_are_listed_by_step_and_never_pruned(tmp_path):
+    for step in (40, 20, 100):
+        policy_snapshot_dir(tmp_path, step).mkdir()
+    (tmp_path / ".tmp-policy-step-60").mkdir()  # a save killed midway
+    (tmp_path / "policy-step-x").mkdir()
+    make_checkpoint(tmp_path, 100)
+    make_checkpoint(tmp_path, 120)
+    prune_checkpoints(tmp_path, keep_last=1)
+    assert policy_snapshots(tmp_path) == [(20, tmp_path / "policy-step-20"), (40, tmp_path / "policy-step-40"),
+                                          (100, tmp_path / "policy-step-100")]
+    assert policy_snapshots(tmp_path / "missing") == []
 
 
 def test_atomic_directory_leaves_nothing_on_failure(tmp_path):

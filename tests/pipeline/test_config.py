@@ -52,10 +52,18 @@ def test_unknown_section(tmp_path):
     ("pretrain: 3\n", r"pretrain: expected a mapping"),
     ("- a\n- b\n", r"the top level must be a mapping"),
     ("pretrain:\n  max_steps: [1\n", r"not valid YAML at line 3"),
+    ("ppo:\n  policy_snapshot_steps: 0\n", r"^ppo\.policy_snapshot_steps: must be at least 1 \(or null for none\), got 0$"),
+    ("ppo:\n  policy_snapshot_steps: 5\n  peft: {}\n", r"^ppo\.policy_snapshot_steps: not available with ppo\.peft"),
 ])
 def test_bad_configs_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text))
+
+
+def test_policy_snapshots_are_off_by_default_and_every_20_steps_in_the_default_preset():
+    assert load_config(CONFIGS / "smoke.yaml").ppo.policy_snapshot_steps is None
+    default = load_config(CONFIGS / "default.yaml").ppo
+    assert default.policy_snapshot_steps == 20 and default.max_steps % 20 == 0
 
 
 def test_missing_config_file(tmp_path):

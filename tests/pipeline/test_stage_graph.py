@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import pytest
 
@@ -100,6 +101,20 @@ def test_changed_own_config_is_refused_and_restart_sets_aside(tmp_path):
     assert start.set_aside[1] == "restarted" and (start.set_aside[0] / "ppo" / "final").is_dir()
     with pytest.raises(ConfigError, match="reward: config changed .*ppo.temperature"):
         plan_stage_start(smoke_config(tmp_path, "ppo.temperature=1.0"), "reward", restart=False)
+
+
+def test_a_policy_snapshot_alone_binds_the_stage_to_its_config(tmp_path):
+    """A run killed after its first policy snapshot but before its first checkpoint: a resumed run keeps the
+    snapshots it finds, so another config must be refused as if a checkpoint were there."""
+    config = finished_run(tmp_path)
+    ppo_dir = config.run_dir / "ppo"
+    shutil.rmtree(ppo_dir / "final")
+    write_manifest(ppo_dir, status="running")
+    (ppo_dir / "policy-step-20").mkdir()
+    start = plan_stage_start(config, "ppo", restart=False)
+    assert start.resume_from is None and not start.already_finished and (ppo_dir / "policy-step-20").is_dir()
+    with pytest.raises(ConfigError, match=r"ppo: config changed .*ppo.kl_coef.*--restart ppo"):
+        plan_stage_start(smoke_config(tmp_path, "ppo.kl_coef=0.3"), "ppo", restart=False)
 
 
 def test_restarting_pretraining_sets_its_tokenizer_aside_too(tmp_path):

@@ -267,7 +267,8 @@ def test_learnable_signal_raises_reward_with_bounded_kl(pretrained_run, monkeypa
 @pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_policy_critic_and_metrics(pretrained_run, tmp_path):
     overrides = ["ppo.max_steps=6", "ppo.save_steps=2", "ppo.per_device_train_batch_size=4",
-                 "ppo.gradient_accumulation_steps=2", "ppo.response_length=16", "run.stages=[ppo]"]
+                 "ppo.gradient_accumulation_steps=2", "ppo.response_length=16", "run.stages=[ppo]",
+                 "ppo.policy_snapshot_steps=2"]
     uninterrupted, killed = fresh_copy(pretrained_run, tmp_path / "a"), fresh_copy(pretrained_run, tmp_path / "b")
     result = run_stage("ppo", f"run.output_dir={uninterrupted}", *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -280,11 +281,38 @@ def test_sigkill_then_resume_gives_identical_policy_critic_and_metrics(pretraine
     a, b = uninterrupted / "smoke" / "ppo", killed / "smoke" / "ppo"
     assert_identical_weights(a / "final", b / "final")
     assert_identical_weights(a / "checkpoint-6", b / "checkpoint-6")  # the one prepared model: policy and critic
+    # Snapshot 2 comes from the killed run (written before its checkpoint-2), 4 from the resumed one; 6 is final/.
+    assert sorted(p.name for p in b.glob("policy-step-*")) == ["policy-step-2", "policy-step-4"]
+    for snapshot in ("policy-step-2", "policy-step-4"):
+        assert_identical_weights(a / snapshot, b / snapshot)
     assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
     rates = [json.loads(line)["lr"] for line in (a / "metrics.jsonl").read_text().splitlines()]
     assert rates == pytest.approx([PPOSection().learning_rate * (1 - step / 6) for step in range(6)])  # linear decay
     manifest = read_manifest(a)
     assert manifest["status"] == "finished" and manifest["steps"] == 6
+
+
+def test_a_policy_snapshot_is_written_once_leaving_the_rng_as_it_was(tiny_causal_lm, tmp_path):
+    """The policy alone in plain HF format; a snapshot already there (a resumed run passing its step again) is kept
+    as it is; either way the RNG the next rollout samples with is untouched."""
+    from accelerate import Accelerator
+
+    from data.tokenizer import load_tokenizer
+    from pipeline.models import load_causal_lm
+
+    policy, critic, _ = tiny_policy_critic_and_experience()
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(PolicyAndValue(policy, critic))
+    tokenizer = load_tokenizer(tiny_causal_lm)
+    state = torch.get_rng_state()
+    ppo.save_policy_snapshot(accelerator, model, tokenizer, tmp_path / "policy-step-3", step=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    saved = load_causal_lm(tmp_path / "policy-step-3")
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), policy.state_dict().values()))
+    assert (tmp_path / "policy-step-3" / "tokenizer.json").is_file()
+    (tmp_path / "policy-step-6").mkdir()
+    ppo.save_policy_snapshot(accelerator, model, tokenizer, tmp_path / "policy-step-6", step=6)
+    assert not any((tmp_path / "policy-step-6").iterdir())
 
 
 STORY_PROMPTS = ("Mia", "Tom and a fox", "Ben", "Lily at the park", "Sam", "Anna", "Max", "Zoe")
