@@ -3,7 +3,7 @@
     rlhf run CONFIG [key=value ...] [--restart STAGE]   pretrain → sft → reward → ppo, then the report
     rlhf plan CONFIG [key=value ...] [--gpus N ...]     memory per device of each stage: will it fit?
     rlhf status RUN_DIR                                 which stages are done, stale, in progress, or pending
-    rlhf compare RUN_DIR                                SFT vs PPO samples, scored; writes RUN_DIR/report/
+    rlhf compare RUN_DIR [--best-of N ...]              SFT vs PPO (and best-of-N) samples, scored; RUN_DIR/report/
     rlhf generate CHECKPOINT --prompt TEXT              sample (greedy, temperature, top-k, top-p)
     rlhf chat CHECKPOINT                                an interactive, streaming chat
 """
@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--prompts", type=int, default=None, help="held-out prompts to sample (default: all)")
     compare.add_argument("--samples-per-prompt", type=int, default=4)
     compare.add_argument("--include-pretrained", action="store_true", help="also sample the pretrained model")
+    compare.add_argument("--best-of", type=int, nargs="*", default=[4, 16], metavar="N",
+                         help="best-of-N baselines from the SFT policy, from a pool of max(N) SFT samples per prompt "
+                              "(default: 4 16; none, or 0: off)")
+    compare.add_argument("--snapshot-samples-per-prompt", type=int, default=2, metavar="K",
+                         help="samples per prompt of each intermediate PPO policy (ppo/policy-step-N/) on the "
+                              "over-optimisation curve (0: skip them)")
 
     for name, text in (("generate", "sample from any stage checkpoint"), ("chat", "chat with a checkpoint")):
         command = commands.add_parser(name, help=text)
@@ -125,7 +131,8 @@ def command_compare(arguments: argparse.Namespace) -> int:
 
     set_offline_mode(True)
     compare_run(arguments.run_dir, prompts=arguments.prompts, samples_per_prompt=arguments.samples_per_prompt,
-                include_pretrained=arguments.include_pretrained)
+                include_pretrained=arguments.include_pretrained, best_of=arguments.best_of,
+                snapshot_samples_per_prompt=arguments.snapshot_samples_per_prompt)
     return 0
 
 
