@@ -5,8 +5,9 @@
 Each seed is a whole `rlhf run` (run.seed = 42, 43, ...) in OUTPUT_DIR/seed-<seed>; finished runs are reused
 (the stage graph skips a stage only when its config and inputs are unchanged), so a second call only gathers.
 Per seed it reads the reward stage's manifest (held-out pairwise accuracy against the annotator and the gold
-judge, calibration when recorded) and the report's report.json (gold and reward-model win rates of PPO over
-SFT, best-of-N where the report has it, mean KL to SFT), then writes OUTPUT_DIR/alignment.json and
+judge, calibration error when recorded) and the report's report.json (PPO's gold win rate over SFT with its 95%
+interval, its reward-model win rate, its win rates against best-of-N and best-of-N's mean gold where the report
+has them, mean gold of SFT and PPO, PPO's mean KL to SFT), then writes OUTPUT_DIR/alignment.json and
 OUTPUT_DIR/alignment.md: every figure as the mean over seeds with its spread (min–max), dated, with the
 machine named. A single run on another machine can land anywhere in that spread.
 """
@@ -41,20 +42,29 @@ def seed_figures(run_dir: Path) -> dict[str, Any]:
     """The figures of one finished run: reward-model accuracies, win rates, KL, wall time."""
     manifests = {stage: json.loads((run_dir / stage / "manifest.json").read_text()) for stage in STAGES}
     report = json.loads((run_dir / "report" / "report.json").read_text())
-    reward = manifests["reward"]["metrics"]
+    reward = manifests["reward"].get("metrics") or {}
+    gold = report["win_rates"].get("gold", {})
+    means = report["means"]
     figures: dict[str, Any] = {
         "reward_accuracy_vs_annotator": reward.get("eval_accuracy"),
         "reward_accuracy_vs_gold": reward.get("eval_gold_accuracy"),
         "annotator_gold_agreement": reward.get("annotator_gold_agreement"),
         "reward_calibration_error": reward.get("eval_calibration_error"),
-        "ppo_gold_win_rate": report["win_rates"].get("gold", {}).get("win_rate"),
+        "reward_gold_calibration_error": reward.get("eval_gold_calibration_error"),
+        "ppo_gold_win_rate": gold.get("win_rate"),
+        "ppo_gold_win_rate_ci_low": gold.get("low"),
+        "ppo_gold_win_rate_ci_high": gold.get("high"),
         "ppo_reward_win_rate": report["win_rates"].get("reward", {}).get("win_rate"),
-        "ppo_kl_to_sft": report["means"].get("ppo", {}).get("kl_to_sft"),
-        "wall_time_s": sum(m.get("wall_time_s") or 0 for m in manifests.values()),
+        "sft_mean_gold": means.get("sft", {}).get("gold"),
+        "ppo_mean_gold": means.get("ppo", {}).get("gold"),
+        "ppo_kl_to_sft": means.get("ppo", {}).get("kl_to_sft"),
     }
     for name, rate in report["win_rates"].items():  # e.g. "gold_vs_best_of_16" when the report has best-of-N
         if name not in ("gold", "reward"):
             figures[f"ppo_{name}_win_rate"] = rate.get("win_rate")
+    for n in report.get("settings", {}).get("best_of", []):
+        figures[f"best_of_{n}_mean_gold"] = report.get("best_of_n", {}).get(str(n), {}).get("gold")
+    figures["wall_time_s"] = sum(m.get("wall_time_s") or 0 for m in manifests.values())
     return figures
 
 

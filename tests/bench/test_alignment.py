@@ -6,16 +6,22 @@ import pytest
 import alignment  # bench/, put on the path by conftest.py
 
 
-def fake_run(root: Path, gold: float, accuracy: float) -> Path:
+def fake_run(root: Path, gold: float, accuracy: float, best_of: bool = True) -> Path:
+    """A finished run as bench/alignment.py reads it: stage manifests and the report's report.json."""
     for stage in alignment.STAGES:
         (root / stage).mkdir(parents=True)
-        metrics = {"eval_accuracy": accuracy, "eval_gold_accuracy": accuracy + 0.1, "annotator_gold_agreement": 0.86}
+        metrics = {"eval_accuracy": accuracy, "eval_gold_accuracy": accuracy + 0.1, "annotator_gold_agreement": 0.86,
+                   "eval_calibration_error": accuracy / 10, "eval_gold_calibration_error": accuracy / 5}
         (root / stage / "manifest.json").write_text(json.dumps({"wall_time_s": 10, "metrics": metrics}))
     (root / "report").mkdir()
-    (root / "report" / "report.json").write_text(json.dumps({
-        "win_rates": {"gold": {"win_rate": gold}, "reward": {"win_rate": 0.9},
-                      "gold_vs_best_of_16": {"win_rate": gold - 0.2}},
-        "means": {"ppo": {"kl_to_sft": 1.5}}}))
+    report = {"win_rates": {"gold": {"win_rate": gold, "low": gold - 0.1, "high": gold + 0.05},
+                            "reward": {"win_rate": 0.9}},
+              "means": {"sft": {"gold": 1.0}, "ppo": {"kl_to_sft": 1.5, "gold": 2.0}}, "settings": {}}
+    if best_of:
+        report["win_rates"].update(gold_vs_best_of_4={"win_rate": gold - 0.1}, gold_vs_best_of_16={"win_rate": gold - 0.2})
+        report["settings"]["best_of"] = [4, 16]
+        report["best_of_n"] = {"1": {"gold": 1.0}, "4": {"gold": 1.6}, "16": {"gold": 2.1}}
+    (root / "report" / "report.json").write_text(json.dumps(report))
     return root
 
 
@@ -26,6 +32,21 @@ def test_figures_of_each_seed_and_their_spread(tmp_path):
     summary = alignment.summarise(per_seed)
     assert summary["ppo_gold_win_rate"] == pytest.approx({"mean": 0.85, "min": 0.8, "max": 0.9})
     assert summary["reward_accuracy_vs_gold"]["mean"] == pytest.approx(0.85)
-    assert "reward_calibration_error" not in summary  # not recorded by these runs: left out, not invented
+    assert summary["ppo_gold_win_rate_ci_low"]["min"] == pytest.approx(0.7)
+    assert summary["reward_gold_calibration_error"]["mean"] == pytest.approx(0.15)
+    assert summary["ppo_gold_vs_best_of_4_win_rate"]["mean"] == pytest.approx(0.75)
+    assert summary["best_of_16_mean_gold"]["mean"] == 2.1 and "best_of_1_mean_gold" not in summary
+    assert summary["ppo_mean_gold"]["mean"] == 2.0 and summary["sft_mean_gold"]["mean"] == 1.0
+    assert list(summary)[-1] == "wall_time_s"
     table = alignment.markdown_table(summary, per_seed, "# header")
     assert "| ppo_gold_win_rate | 0.850 | 0.800–0.900 | 0.800 | 0.900 |" in table
+    assert "| best_of_4_mean_gold | 1.600 |" in table
+
+
+def test_runs_reported_before_best_of_n_still_gather(tmp_path):
+    run = fake_run(tmp_path / "old", 0.8, 0.7, best_of=False)
+    (run / "reward" / "manifest.json").write_text(json.dumps({"wall_time_s": 10, "metrics": {"eval_accuracy": 0.7}}))
+    figures = alignment.seed_figures(run)
+    assert not any("best_of" in key for key in figures) and figures["ppo_gold_win_rate_ci_high"] == pytest.approx(0.85)
+    summary = alignment.summarise({1: figures})
+    assert "reward_calibration_error" not in summary  # not recorded by this run: left out, not invented
