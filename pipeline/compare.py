@@ -148,7 +148,8 @@ def policy_samples(models: dict[str, Any], tokenizer, reward_model, normalizatio
     sample's KL estimate to the SFT policy (HeldOutScoring.samples)."""
     scoring = HeldOutScoring(tokenizer, reward_model, normalization, models["sft"], texts, temperature,
                              max_new_tokens, builtin)
-    return [sample for name, model in models.items() for sample in scoring.samples(name, model, samples_per_prompt, seed)]
+    return [sample for name, model in models.items()
+            for sample in scoring.samples(name, model, samples_per_prompt, seed)]
 
 
 def win_rate(first: list[float], second: list[float]) -> dict[str, float]:
@@ -163,8 +164,8 @@ def win_rate(first: list[float], second: list[float]) -> dict[str, float]:
     return {"win_rate": p, "low": max(0.0, centre - half), "high": min(1.0, centre + half), "prompts": n, "ties": ties}
 
 
-def compare_run(run_dir: Path, prompts: int | None = None, samples_per_prompt: int = 4, include_pretrained: bool = False,
-                seed: int = 1234, best_of: tuple[int, ...] | list[int] = BEST_OF,
+def compare_run(run_dir: Path, prompts: int | None = None, samples_per_prompt: int = 4,
+                include_pretrained: bool = False, seed: int = 1234, best_of: tuple[int, ...] | list[int] = BEST_OF,
                 snapshot_samples_per_prompt: int = SNAPSHOT_SAMPLES_PER_PROMPT) -> Comparison:
     """Sample, score and compare the run's policies, with best-of-N baselines from a pool of max(`best_of`) SFT
     samples per prompt (none: no baselines) and the over-optimisation curve over PPO's policy snapshots

@@ -134,7 +134,8 @@ def xy_chart(title: str, series: list[ChartSeries], x_label: str, y_label: str,
             f'<text x="{(width - right) / 2}" y="14" text-anchor="middle" class="title">{html.escape(title)}</text>'
             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" class="axis"/>'
             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" class="axis"/>'
-            f'<text x="{(width - right + left) / 2}" y="{height - 4}" text-anchor="middle">{html.escape(x_label)}</text>'
+            f'<text x="{(width - right + left) / 2}" y="{height - 4}" text-anchor="middle">'
+            f'{html.escape(x_label)}</text>'
             f'<text x="{left}" y="{height - bottom + 14}">{x_low:.2g}</text>'
             f'<text x="{width - right}" y="{height - bottom + 14}" text-anchor="end">{x_high:.2g}</text>'
             f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{y_high:.2g}</text>'
@@ -165,9 +166,9 @@ def over_optimisation_chart(points: list[dict[str, Any]]) -> str:
             mine = [p for p in points if p["method"] == method]
             labels = [f"{p['step']}" if method == "ppo" else f"N={p['n']}" for p in mine]
             if mine:
-                series.append(ChartSeries(f"{name}, {label}", [(p["kl_to_sft"], p[metric] - start[metric]) for p in mine],
-                                          METRIC_COLOURS[metric], dashed=dashed, square=dashed,
-                                          labels=labels if metric == labelled else None))
+                gains = [(p["kl_to_sft"], p[metric] - start[metric]) for p in mine]
+                series.append(ChartSeries(f"{name}, {label}", gains, METRIC_COLOURS[metric], dashed=dashed,
+                                          square=dashed, labels=labels if metric == labelled else None))
     kls = [p["kl_to_sft"] for p in points]
     return xy_chart("gain over SFT vs KL to the SFT policy", series, "KL to the SFT policy (nats)",
                     "score − SFT's (gold; proxy: normalised RM)",
@@ -206,7 +207,8 @@ def means_table_rows(comparison) -> list[list[str]]:
 
 
 def win_rate_label(name: str) -> str:
-    """What a `comparison.win_rates` key measures, in words: "gold_vs_best_of_16" → "gold judge: PPO vs best-of-16"."""
+    """What a `comparison.win_rates` key measures, in words: "gold_vs_best_of_16" → "gold judge: PPO vs
+    best-of-16"."""
     metric, _, baseline = name.partition("_vs_")
     judge = {"gold": "gold judge", "reward": "reward model"}.get(metric, metric)
     return f"{judge}: PPO vs {'SFT' if baseline in ('', 'sft') else baseline.replace('best_of_', 'best-of-')}"
@@ -362,8 +364,8 @@ def best_of_n_html(comparison) -> str:
             f'<p>Best-of-N: draw N SFT samples, keep the one the reward model scores highest. Its expected scores are '
             f'estimated without bias from a pool of {settings.get("best_of_pool_size")} SFT samples per prompt (the '
             f'{settings["samples_per_prompt"]} above and more with seed {settings.get("best_of_pool_seed")}) over all '
-            f'N-subsets; its KL to SFT is the analytic log N − (N−1)/N. Win rates are per prompt: PPO\'s mean over its '
-            f'samples against best-of-N\'s expectation.</p>{html_table(best_of_n_rows(comparison), "best-of-n")}')
+            f'N-subsets; its KL to SFT is the analytic log N − (N−1)/N. Win rates are per prompt: PPO\'s mean over '
+            f'its samples against best-of-N\'s expectation.</p>{html_table(best_of_n_rows(comparison), "best-of-n")}')
 
 
 def over_optimisation_html(comparison) -> str:

@@ -18,7 +18,8 @@ def fake_run(root: Path, gold: float, accuracy: float, best_of: bool = True) -> 
                             "reward": {"win_rate": 0.9}},
               "means": {"sft": {"gold": 1.0}, "ppo": {"kl_to_sft": 1.5, "gold": 2.0}}, "settings": {}}
     if best_of:
-        report["win_rates"].update(gold_vs_best_of_4={"win_rate": gold - 0.1}, gold_vs_best_of_16={"win_rate": gold - 0.2})
+        report["win_rates"].update(gold_vs_best_of_4={"win_rate": gold - 0.1},
+                                    gold_vs_best_of_16={"win_rate": gold - 0.2})
         report["settings"]["best_of"] = [4, 16]
         report["best_of_n"] = {"1": {"gold": 1.0}, "4": {"gold": 1.6}, "16": {"gold": 2.1}}
     (root / "report" / "report.json").write_text(json.dumps(report))

@@ -56,8 +56,8 @@ def test_pools_keep_compare_samples_first_and_best_of_n_is_estimated_per_prompt(
 
 
 def test_policy_and_per_prompt_means():
-    samples = [sample(0, "ppo", 1.0, 2.0, kl=0.5), sample(0, "ppo", 3.0, 4.0, kl=1.5), sample(1, "ppo", 0.0, 1.0, kl=1.0),
-               sample(0, "sft", 9.0, 9.0)]
+    samples = [sample(0, "ppo", 1.0, 2.0, kl=0.5), sample(0, "ppo", 3.0, 4.0, kl=1.5),
+               sample(1, "ppo", 0.0, 1.0, kl=1.0), sample(0, "sft", 9.0, 9.0)]
     assert per_prompt_means(samples, "ppo", "gold", 2) == [3.0, 1.0]
     assert policy_means(samples, "ppo", builtin=True) == {"reward": pytest.approx(4 / 3), "length": 5,
                                                           "gold": pytest.approx(7 / 3), "kl_to_sft": 1.0}
@@ -107,7 +107,8 @@ def test_family_figures_win_rates_and_the_prompts_ppo_loses():
     assert qa["win_rates"]["gold_vs_best_of_2"]["win_rate"] == 1.0
     # The bigger loss first (1.5 below SFT on prompt 0), PPO's worst sample beside SFT's best.
     assert qa["losses"] == [{"prompt_index": 0, "prompt": QA, "ppo_mean_gold": 0.5, "sft_mean_gold": 2.0,
-                             "ppo_response": "ppo 0 0.0", "ppo_gold": 0.0, "sft_response": "sft 0 3.0", "sft_gold": 3.0}]
+                             "ppo_response": "ppo 0 0.0", "ppo_gold": 0.0, "sft_response": "sft 0 3.0",
+                             "sft_gold": 3.0}]
     assert figures["write_story"]["win_rates"]["gold_vs_best_of_2"]["win_rate"] == 0.0
     assert figures["harmful"]["losses"] == [] and figures["harmful"]["ppo_mean_gold"] == 1.0
     assert win_rate([], [])["prompts"] == 0

@@ -94,14 +94,15 @@ def rich_comparison() -> Comparison:
     for n in (2, 4):
         result.win_rates[f"gold_vs_best_of_{n}"] = win_rate(per_prompt_means(result.samples, "ppo", "gold", 2),
                                                             result.best_of_n[str(n)]["per_prompt"]["gold"])
-    result.over_optimisation = over_optimisation_points(result.means, {3: {"reward": 0.5, "gold": 2.0, "kl_to_sft": 0.7}},
-                                                        5, result.best_of_n, 2, 1)
+    snapshot = {3: {"reward": 0.5, "gold": 2.0, "kl_to_sft": 0.7}}
+    result.over_optimisation = over_optimisation_points(result.means, snapshot, 5, result.best_of_n, 2, 1)
     bins = [{"low": 0.0, "high": 0.5, "count": 4, "mean_predicted": 0.3, "observed": 0.25},
             {"low": 0.5, "high": 1.0, "count": 0, "mean_predicted": None, "observed": None}]
     result.reward_model = {"eval_accuracy": 0.7, "eval_pairs": 40, "eval_gold_accuracy": 0.8, "eval_gold_pairs": 30,
                            "annotator_gold_agreement": 0.86, "eval_calibration_error": 0.04, "eval_calibration": bins,
                            "eval_gold_calibration_error": 0.06, "eval_gold_calibration": bins}
-    result.samples.append(Sample(1, "ppo", "Of course! <i>cheerful</i>", 2.0, -3.0, 1.0, 6))  # a loss on the harmful prompt
+    # PPO loses on the harmful prompt.
+    result.samples.append(Sample(1, "ppo", "Of course! <i>cheerful</i>", 2.0, -3.0, 1.0, 6))
     result.by_family = family_figures(result)
     return result
 
@@ -119,7 +120,8 @@ def test_best_of_n_verdicts_say_plainly_where_ppo_does_not_match_and_what_it_cos
     result.win_rates["gold_vs_best_of_2"] = {"win_rate": 0.8, "low": 0.6, "high": 0.9, "prompts": 2, "ties": 0}
     result.win_rates["gold_vs_best_of_4"] = {"win_rate": 0.55, "low": 0.4, "high": 0.7, "prompts": 2, "ties": 0}
     first, second = best_of_n_verdicts(result)
-    assert first.startswith("PPO beats best-of-2") and second.startswith("PPO matches best-of-4 on the gold judge within noise")
+    assert first.startswith("PPO beats best-of-2")
+    assert second.startswith("PPO matches best-of-4 on the gold judge within noise")
     result.settings["best_of"] = []
     assert best_of_n_verdicts(result) == []
 
