@@ -80,9 +80,10 @@ def engine_of(accelerator: Accelerator) -> Engine:
 # ---------------------------------------------------------------- PPO's trainable model
 class PolicyAndValue(torch.nn.Module):
     """The policy and the value model as one module, so that `accelerator.prepare` sees one model and one optimizer.
-    Its forward returns the policy's logits (the last `logits_to_keep` positions; 0 keeps all) and the per-token
-    values; `values=False` skips the value model (the LoRA reference forward). Under FSDP2 only a forward through
-    this root gathers the weights the root holds, so PPO calls nothing else while training or scoring."""
+    Its forward returns the policy's logits at `logits_to_keep` (the last N positions, 0 for all, or a 1-D tensor of
+    positions, as transformers takes it) and the per-token values; `values=False` skips the value model (the LoRA
+    reference forward). Under FSDP2 only a forward through this root gathers the weights the root holds, so PPO
+    calls nothing else while training or scoring."""
 
     def __init__(self, policy: torch.nn.Module, value_model: torch.nn.Module):
         super().__init__()
@@ -95,7 +96,7 @@ class PolicyAndValue(torch.nn.Module):
                                          for name in (getattr(part, "_no_split_modules", None) or [])})
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                logits_to_keep: int = 0, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                logits_to_keep: int | torch.Tensor = 0, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              logits_to_keep=logits_to_keep).logits
         return logits, self.value_model(input_ids, attention_mask, position_ids) if values else None

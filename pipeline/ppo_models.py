@@ -21,8 +21,8 @@ from trl.trainer.utils import disable_dropout_in_model
 from pipeline.config import PipelineConfig, PPOSection
 from pipeline.engines import PolicyAndValue, configure_deepspeed, gathered_if_partitioned, place_frozen_model
 from pipeline.models import attention_for_precision, load_causal_lm, with_lora_adapter
-from pipeline.policy_gradient import entropy_from_logits, logprobs_of_tokens
-from pipeline.rollout import position_ids_of, response_logits
+from pipeline.policy_gradient import logprobs_and_entropy, logprobs_of_tokens
+from pipeline.rollout import position_ids_of, predicting_positions, response_logits
 from reward_model import RewardNormalization, score_token_ids
 
 
@@ -140,10 +140,9 @@ def response_logits_and_values(model: PolicyAndValue, sequences, attention_mask,
                                values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`response_logits` of the policy and the values at the same positions (each response token's value is read at
     the token before it), from one forward through the prepared PolicyAndValue; `values=False` skips the critic."""
-    response_length = sequences.shape[1] - context_length
     logits, per_token_values = model(sequences, attention_mask, position_ids_of(attention_mask),
-                                     logits_to_keep=response_length + 1, values=values)
-    return logits[:, :-1], per_token_values[:, context_length - 1: -1] if values else None
+                                     logits_to_keep=predicting_positions(sequences, context_length), values=values)
+    return logits, per_token_values[:, context_length - 1: -1] if values else None
 
 
 @dataclass
@@ -181,8 +180,9 @@ def scoring_forwards(model: PolicyAndValue, reference, reward_scorer: RewardScor
             else:
                 ref_logits = response_logits(reference, part, part_mask, context_length)
             scores.append(reward_scorer(part, part_mask))
-        logprobs.append(logprobs_of_tokens(logits, part_responses, temperature))
-        entropies.append(entropy_from_logits(logits, temperature))
+        part_logprobs, part_entropy = logprobs_and_entropy(logits, part_responses, temperature)
+        logprobs.append(part_logprobs)
+        entropies.append(part_entropy)
         ref_logprobs.append(logprobs_of_tokens(ref_logits, part_responses, temperature))
         values.append(part_values)
     return ScoringForwards(torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values),

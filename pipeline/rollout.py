@@ -250,15 +250,20 @@ def prompt_response_batch(prompts: list[list[int]], responses: list[list[int]], 
     return torch.cat([queries, answers], 1), torch.cat([query_mask, answer_mask], 1), answer_mask.bool()
 
 
+def predicting_positions(sequences: torch.Tensor, context_length: int) -> torch.Tensor:
+    """The positions whose logits predict the response tokens (each the position before its token), as the 1-D
+    `logits_to_keep` of a transformers causal LM: the LM head runs on exactly these, and no [batch, length, vocab]
+    logits are sliced afterwards (whose gradient would be another zero-filled tensor of that size)."""
+    return torch.arange(context_length - 1, sequences.shape[1] - 1, device=sequences.device)
+
+
 def response_logits(policy, sequences: torch.Tensor, attention_mask: torch.Tensor, context_length: int
                     ) -> torch.Tensor:
     """Logits that predict each response token (the position before it), for sequences whose responses start at
     column `context_length`. Only those positions go through the LM head: prompts are often longer than
     responses, and the head is a large share of a small model's work."""
-    response_length = sequences.shape[1] - context_length
-    logits = policy(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_of(attention_mask),
-                    logits_to_keep=response_length + 1).logits
-    return logits[:, :-1]
+    return policy(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_of(attention_mask),
+                  logits_to_keep=predicting_positions(sequences, context_length)).logits
 
 
 @torch.no_grad()

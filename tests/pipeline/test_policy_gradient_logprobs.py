@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from pipeline.policy_gradient import entropy_from_logits, kl_per_token, logprobs_of_tokens
+import pipeline.policy_gradient as policy_gradient
+from pipeline.policy_gradient import (
+    entropy_from_logits, kl_per_token, logprobs_and_entropy, logprobs_of_tokens, row_blocks)
 from tests.pipeline.hand_made_tensors import tensor
 
 
@@ -40,6 +42,56 @@ def test_logprobs_carry_gradients_to_the_logits():
     logits = torch.randn(1, 2, 5, requires_grad=True)
     logprobs_of_tokens(logits, torch.tensor([[1, 3]])).sum().backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_logprob_gradient_equals_autograd_of_the_log_softmax_for_fp32_and_bf16_logits():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 13, (3, 4))
+    for dtype, temperature in ((torch.float32, 1.0), (torch.float32, 0.7), (torch.bfloat16, 0.7)):
+        logits = (3 * torch.randn(3, 4, 13)).to(dtype).requires_grad_()
+        reference = logits.detach().clone().requires_grad_()
+        upstream = torch.randn(3, 4)
+        (logprobs_of_tokens(logits, tokens, temperature) * upstream).sum().backward()
+        expected = torch.log_softmax(reference.float() / (temperature + 1e-7), -1).gather(-1, tokens[..., None])
+        (expected.squeeze(-1) * upstream).sum().backward()
+        assert logits.grad.dtype == dtype
+        assert_close(logits.grad.float(), reference.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2,
+                     rtol=1e-5 if dtype == torch.float32 else 1e-2)
+    # Double precision gradcheck of the hand-written backward, at a temperature.
+    logits = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: logprobs_of_tokens(x, tokens[:2, :3] % 7, 0.5).double(), (logits,))
+
+
+def test_logprobs_and_entropy_match_the_separate_computations_and_the_training_path():
+    torch.manual_seed(0)
+    logits, tokens = 2 * torch.randn(2, 5, 31), torch.randint(0, 31, (2, 5))
+    logprobs, entropy = logprobs_and_entropy(logits, tokens, 0.7)
+    log_softmax = torch.log_softmax(logits / (0.7 + 1e-7), -1)
+    assert_close(logprobs, log_softmax.gather(-1, tokens[..., None]).squeeze(-1))
+    assert_close(entropy, -(log_softmax.exp() * log_softmax).sum(-1))
+    # The scoring forward's old logprobs and the training forward's are the same numbers: PPO's first ratio is 1.
+    assert torch.equal(logprobs, logprobs_of_tokens(logits, tokens, 0.7))
+    assert logprobs_and_entropy(logits, None, 0.7)[0] is None
+
+
+def test_row_blocks_cover_every_row_once_cache_sized_on_cpu_and_whole_elsewhere():
+    blocks = row_blocks(10, 1 << 17, torch.device("cpu"))  # 2 rows of 128Ki fp32 logits make a 1 MiB block
+    assert [(b.start, b.stop) for b in blocks] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert row_blocks(10, 1 << 30, torch.device("cpu")) == [slice(i, i + 1) for i in range(10)]  # at least a row
+    assert row_blocks(10, 1 << 17, torch.device("meta")) == [slice(0, 10)]
+
+
+def test_blockwise_logprobs_gradients_and_entropy_equal_one_block(monkeypatch):
+    torch.manual_seed(0)
+    logits, tokens, upstream = 2 * torch.randn(3, 5, 40), torch.randint(0, 40, (3, 5)), torch.randn(3, 5)
+    results = []
+    for block_bytes in (1 << 30, 4 * 40 * 2):  # all 15 rows at once, then blocks of 2 rows (the last of 1)
+        monkeypatch.setattr(policy_gradient, "CPU_BLOCK_BYTES", block_bytes)
+        leaf = logits.clone().requires_grad_()
+        (logprobs_of_tokens(leaf, tokens, 0.8) * upstream).sum().backward()
+        results.append((logprobs_of_tokens(logits, tokens, 0.8), leaf.grad, *logprobs_and_entropy(logits, tokens, 0.8)))
+    for whole, blockwise in zip(*results):
+        assert torch.equal(whole, blockwise)
 
 
 def test_entropy_of_uniform_logits_is_log_vocabulary_size():
