@@ -81,18 +81,20 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command_run(arguments: argparse.Namespace) -> int:
-    from pipeline.launch import StageFailed, run_directory_lock, run_stages, summary_table
+    from pipeline.launch import LocalStageLauncher, StageFailed, run_directory_lock, run_stages, summary_table
 
     from pipeline.memory_plan import check_run_fits
     from pipeline.preflight import preflight
 
     config = load_config(arguments.config, arguments.overrides)
     set_offline_mode(config.run.offline)
+    # Started first, so that its server imports the stages' libraries while this process checks the run.
+    local_launcher = None if config.run.accelerate_config else LocalStageLauncher(config).start()
     preflight(config)  # bad rows, checkpoints and tokenizers fail here, before anything is written
     check_run_fits(config)  # a stage that cannot fit this machine's memory fails here, not at its first step
     with run_directory_lock(config.run_dir):
         try:
-            outcomes = run_stages(config, arguments.overrides, set(arguments.restart))
+            outcomes = run_stages(config, arguments.overrides, set(arguments.restart), local_launcher)
         except StageFailed as failure:
             print(f"\nerror: {failure}", file=sys.stderr)
             return failure.code if 0 < failure.code < 128 else 1

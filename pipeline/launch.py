@@ -1,8 +1,17 @@
-"""`rlhf run`: each stage as its own `accelerate launch` process, skipping finished stages, resuming the rest."""
+"""`rlhf run`: each stage as a process of its own, skipping finished stages, resuming the rest.
+
+With a run.accelerate_config (several processes, FSDP, DeepSpeed, several machines) a stage is `accelerate launch`ed.
+Without one it is one local process, forked from a server that has imported the stages' libraries once
+(`LocalStageLauncher`): torch, transformers, TRL and datasets take 5–7 s to import, more than a stage of the smoke
+preset takes to train, and `accelerate launch` adds its own 2–3 s. The server itself never runs a tensor
+operation or a tokenizer, so forking it is safe (no thread pools to inherit), and every stage still gets a fresh
+process: nothing a stage leaves in memory or in a library's global state reaches the next.
+"""
 
 from __future__ import annotations
 
 import fcntl
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -50,31 +59,61 @@ def run_directory_lock(run_dir: Path) -> Iterator[None]:
         handle.close()
 
 
-def launch_command(config: PipelineConfig, stage: str, overrides: list[str], restart: bool) -> list[str]:
-    """`accelerate launch` with the run's Accelerate config, or one local process (CPU or one GPU) without one."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
-    if config.run.accelerate_config:
-        launcher += ["--config_file", config.run.accelerate_config]
-    else:
-        launcher += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command = launcher + ["-m", f"stages.{stage}"]
-    if config.source:
-        command += ["--config", config.source]
-    if restart:
-        command.append("--restart")
-    return command + list(overrides)
+def launch_command(config: PipelineConfig, stage: str, overrides: list[str]) -> list[str]:
+    """`accelerate launch` of one stage with the run's Accelerate config."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config.run.accelerate_config,
+            "-m", f"stages.{stage}", *stage_arguments(config, overrides)]
 
 
 def stage_environment(config: PipelineConfig) -> dict[str, str]:
-    """`accelerate launch` pins a lone CPU process to one thread unless told otherwise: give it every core."""
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if not config.run.accelerate_config:
-        environment.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    if not torch.cuda.is_available():
+    """What a stage process's environment adds to this one's."""
+    environment = {"PYTHONUNBUFFERED": "1"}
+    if not config.run.accelerate_config and "OMP_NUM_THREADS" not in os.environ:
+        # `accelerate launch` pins a lone CPU process to one thread unless told otherwise: give it every core.
+        environment["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+    if not torch.cuda.is_available() and "ACCELERATE_USE_CPU" not in os.environ:
         # Without it a multi-process launch on a machine with no GPU runs processes that each think they are
         # alone; with it they form one DDP group over gloo (configs/accelerate/cpu_ddp.yaml).
-        environment.setdefault("ACCELERATE_USE_CPU", "1")
+        environment["ACCELERATE_USE_CPU"] = "1"
     return environment
+
+
+def run_stage_in_this_process(stage: str, arguments: list[str]) -> None:
+    """The body of a forked stage process: the stage's own entry point, as `python -m stages.<stage>` runs it."""
+    import importlib
+
+    # The server imported torch before OMP_NUM_THREADS could matter to it; a forked child reads its thread count
+    # afresh at its first operation, from the environment the server was started with.
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    importlib.import_module(f"stages.{stage}").main(arguments)
+
+
+class LocalStageLauncher:
+    """Stages as local processes forked from a server that has imported them (multiprocessing's forkserver with
+    the stage modules preloaded). `start` it early: the server imports while this process checks the config."""
+
+    def __init__(self, config: PipelineConfig):
+        os.environ.update(stage_environment(config))  # the server and every stage forked from it inherit it
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload([f"stages.{stage}" for stage in STAGE_GRAPH])
+
+    def start(self) -> LocalStageLauncher:
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+        return self
+
+    def run(self, stage: str, arguments: list[str]) -> int:
+        """Run one stage to its end; its exit code (negative: the signal that ended it)."""
+        process = self.context.Process(target=run_stage_in_this_process, args=(stage, arguments), name=stage)
+        process.start()
+        process.join()
+        return process.exitcode
+
+
+def stage_arguments(config: PipelineConfig, overrides: list[str]) -> list[str]:
+    """A stage's command-line arguments: the run's config file and its key=value overrides."""
+    return (["--config", config.source] if config.source else []) + list(overrides)
 
 
 @dataclass
@@ -87,8 +126,10 @@ class StageOutcome:
     value: float | None
 
 
-def run_stages(config: PipelineConfig, overrides: list[str], restart: set[str]) -> list[StageOutcome]:
-    """Run the configured stages in order; raise StageFailed naming the first one that fails.
+def run_stages(config: PipelineConfig, overrides: list[str], restart: set[str],
+               local_launcher: LocalStageLauncher | None = None) -> list[StageOutcome]:
+    """Run the configured stages in order; raise StageFailed naming the first one that fails. Without
+    run.accelerate_config each runs in a process forked by `local_launcher` (one is made if none is given).
 
     Each stage is planned here, just before it would start and after its upstream stages have run: a finished
     stage whose input models changed since it was trained (an upstream stage re-ran, model.name_or_path points
@@ -108,7 +149,12 @@ def run_stages(config: PipelineConfig, overrides: list[str], restart: set[str]) 
         banner(f"{stage}: {note}")
         began = time.time()
         # The stage plans its own start again and, finding what this process left, makes the same decision.
-        code = subprocess.call(launch_command(config, stage, overrides, restart=False), env=stage_environment(config))
+        if config.run.accelerate_config:
+            code = subprocess.call(launch_command(config, stage, overrides),
+                                   env={**os.environ, **stage_environment(config)})
+        else:
+            local_launcher = local_launcher or LocalStageLauncher(config).start()
+            code = local_launcher.run(stage, stage_arguments(config, overrides))
         if code != 0:
             raise StageFailed(stage, code)
         banner(f"{stage}: done in {time.time() - began:.0f}s")
