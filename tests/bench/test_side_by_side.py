@@ -9,7 +9,7 @@ import torch
 
 from side_by_side import (
     PPOBenchShape, add_shape_arguments, llama_models, machine_description, main, median_summary, random_prompts,
-    shape_from_arguments, shape_problem, special_tokens_tokenizer)
+    setup_of, shape_from_arguments, shape_problem, special_tokens_tokenizer)
 
 TINY = PPOBenchShape(vocab_size=40, layers=1, hidden_size=16, heads=2, ffn=32, prompt_length=3, batch=4,
                      response_length=4, epochs=1, minibatches=1, micro_batches=2, steps=2)
@@ -112,3 +112,21 @@ def test_summary_command_judges_the_goal_only_on_the_anchor_setup(monkeypatch, c
     output = summary_output(monkeypatch, capsys, [{**asdict(TINY), **record("ours", 2.0)},
                                                   {**asdict(TINY), **record("trl-0.19.1", 3.0)}])
     assert "ratio ours/TRL (medians): 0.667" in output and "goal" not in output
+
+
+def test_the_smollm2_preset_is_its_architecture_at_batch_8_and_flags_still_override():
+    shape = shape_from_arguments(parse("--preset", "smollm2"))
+    assert (shape.vocab_size, shape.layers, shape.hidden_size, shape.heads, shape.key_value_heads, shape.ffn) == (
+        49152, 30, 576, 9, 3, 1536)
+    assert (shape.batch, shape.response_length, shape.prompt_length, shape.epochs) == (8, 32, 24, 4)
+    assert shape_from_arguments(parse("--preset", "smollm2", "--batch", "4")).batch == 4
+    assert setup_of(asdict(shape)) == "smollm2" and setup_of(asdict(PPOBenchShape(dtype="bf16"))) == "anchor"
+    assert setup_of(asdict(PPOBenchShape(batch=32))) is None
+    assert "--kv-heads" in shape_problem(PPOBenchShape(heads=4, kv_heads=3, hidden_size=128))
+
+
+def test_kv_heads_make_a_grouped_query_attention_model():
+    models = llama_models(PPOBenchShape(vocab_size=40, layers=1, hidden_size=16, heads=4, kv_heads=2, ffn=32),
+                          special_tokens_tokenizer())
+    attention = models["policy"].model.layers[0].self_attn
+    assert attention.k_proj.out_features == 2 * 4 and attention.q_proj.out_features == 16
