@@ -40,6 +40,7 @@ def validate(config: PipelineConfig, known_stages: tuple[str, ...]) -> None:
         "model.num_hidden_layers": model.num_hidden_layers, "model.hidden_size": model.hidden_size,
         "model.num_attention_heads": model.num_attention_heads, "model.intermediate_size": model.intermediate_size,
         "model.max_position_embeddings": model.max_position_embeddings, "tokenizer.vocab_size": tokenizer.vocab_size,
+        "model.initializer_range": model.initializer_range,
         "tokenizer.training_texts": tokenizer.training_texts,
         **{f"pretrain.{k}": getattr(pretrain, k) for k in (
             "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",

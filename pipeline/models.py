@@ -24,6 +24,7 @@ def build_llama_from_config(section: ModelSection, tokenizer: PreTrainedTokenize
         num_key_value_heads=section.num_attention_heads,
         max_position_embeddings=section.max_position_embeddings,
         rope_theta=section.rope_theta,
+        initializer_range=section.initializer_range,
         tie_word_embeddings=True,  # a third of a small model's parameters would otherwise be a second embedding
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,

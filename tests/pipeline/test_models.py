@@ -76,3 +76,18 @@ def test_lora_adapter_trains_only_its_targets(tiny_causal_lm):
                               PeftSection(r=4, target_modules=["q_proj"]))
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name and "q_proj" in name for name in trainable)
+
+
+def test_a_built_llama_takes_its_initial_weight_scale_from_the_config(tiny_causal_lm):
+    from pipeline.config import ModelSection
+    from pipeline.models import build_llama_from_config
+
+    tokenizer = load_tokenizer(tiny_causal_lm)
+    stds = {}
+    for scale in (0.02, 0.06):
+        section = ModelSection(num_hidden_layers=1, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                               initializer_range=scale)
+        model = build_llama_from_config(section, tokenizer, seed=0)
+        assert model.config.initializer_range == scale
+        stds[scale] = model.model.layers[0].mlp.up_proj.weight.std().item()
+    assert abs(stds[0.02] - 0.02) < 0.002 and abs(stds[0.06] - 0.06) < 0.006
