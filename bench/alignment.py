@@ -29,13 +29,22 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("pretrain", "sft", "reward", "ppo")
 
 
+RUN_TIME_FILE = "alignment_run_time.json"  # in a run directory: how long its `rlhf run` took from empty
+
+
 def run_seed(config: Path, output_dir: Path, seed: int) -> Path:
-    """`rlhf run` for one seed (reusing whatever already finished); the run directory."""
+    """`rlhf run` for one seed (reusing whatever already finished); the run directory. A run that starts from an
+    empty directory records its whole wall time (process starts and the report included) in RUN_TIME_FILE."""
+    run_dir = output_dir / f"seed-{seed}"
+    from_empty = not run_dir.exists()
     command = [sys.executable, "-m", "pipeline.cli", "run", str(config), f"run.seed={seed}",
                f"run.name=seed-{seed}", f"run.output_dir={output_dir}"]
     print(f"[alignment] seed {seed}: {' '.join(command[2:])}", flush=True)
+    began = time.time()
     subprocess.run(command, cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    return output_dir / f"seed-{seed}"
+    if from_empty:
+        (run_dir / RUN_TIME_FILE).write_text(json.dumps({"rlhf_run_wall_s": round(time.time() - began, 1)}))
+    return run_dir
 
 
 def seed_figures(run_dir: Path) -> dict[str, Any]:
@@ -65,6 +74,8 @@ def seed_figures(run_dir: Path) -> dict[str, Any]:
     for n in report.get("settings", {}).get("best_of", []):
         figures[f"best_of_{n}_mean_gold"] = report.get("best_of_n", {}).get(str(n), {}).get("gold")
     figures["wall_time_s"] = sum(m.get("wall_time_s") or 0 for m in manifests.values())
+    if (run_dir / RUN_TIME_FILE).is_file():  # the whole `rlhf run`, from an empty directory to the report
+        figures["rlhf_run_wall_s"] = json.loads((run_dir / RUN_TIME_FILE).read_text())["rlhf_run_wall_s"]
     return figures
 
 

@@ -51,3 +51,25 @@ def test_runs_reported_before_best_of_n_still_gather(tmp_path):
     assert not any("best_of" in key for key in figures) and figures["ppo_gold_win_rate_ci_high"] == pytest.approx(0.85)
     summary = alignment.summarise({1: figures})
     assert "reward_calibration_error" not in summary  # not recorded by this run: left out, not invented
+
+
+def test_the_whole_run_time_is_read_where_the_run_started_from_empty(tmp_path):
+    run = fake_run(tmp_path / "a", 0.8, 0.7)
+    assert "rlhf_run_wall_s" not in alignment.seed_figures(run)  # reused runs: nothing to time
+    (run / alignment.RUN_TIME_FILE).write_text(json.dumps({"rlhf_run_wall_s": 251.3}))
+    assert alignment.seed_figures(run)["rlhf_run_wall_s"] == 251.3
+
+
+def test_run_seed_times_only_a_run_that_starts_from_an_empty_directory(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_rlhf_run(command, **kwargs):
+        calls.append(command)
+        (tmp_path / "seed-5").mkdir(exist_ok=True)
+
+    monkeypatch.setattr(alignment.subprocess, "run", fake_rlhf_run)
+    run_dir = alignment.run_seed(Path("configs/default.yaml"), tmp_path, 5)
+    assert "run.seed=5" in calls[0] and (run_dir / alignment.RUN_TIME_FILE).is_file()
+    (run_dir / alignment.RUN_TIME_FILE).unlink()
+    alignment.run_seed(Path("configs/default.yaml"), tmp_path, 5)  # resumed or reused: not timed
+    assert not (run_dir / alignment.RUN_TIME_FILE).exists()
