@@ -191,7 +191,10 @@ def changed_inputs(recorded: dict[str, Any] | None, current: dict[str, Any]) -> 
         old, new = recorded.get(role), current.get(role)
         if old is None or new is None:
             phrases.append(f"input {role} {'added' if old is None else 'removed'}")
-        elif old.get("from") != new.get("from") or old.get("path") != new.get("path"):
+        elif old.get("from") != new.get("from") or (new.get("from") not in STAGE_GRAPH
+                                                     and old.get("path") != new.get("path")):
+            # An upstream stage of this run is RUN_DIR/<stage>/final wherever the run directory is: a run moved
+            # or copied elsewhere keeps its stages. Its content decides, below.
             phrases.append(f"input {role} is now {new['path']} (was {old['path']})")
         elif old.get("digest") != new.get("digest"):
             phrases.append(f"{new['from']} changed since it was read ({short(old.get('digest'))} → "
@@ -253,6 +256,12 @@ def stale_reason(run_dir: Path, stage: str) -> str | None:
     return None
 
 
+def recorded_input_path(run_dir: Path, record: dict[str, Any]) -> str:
+    """Where a recorded input model is now: an upstream stage's final/ in this run directory (which may have moved
+    since the record was written), else the path or hub id as recorded."""
+    return str(run_dir / record["from"] / "final") if record.get("from") in STAGE_GRAPH else record["path"]
+
+
 def compared_checkpoints(run_dir: Path) -> dict[str, dict[str, str | None]]:
     """The checkpoints `rlhf compare` reads, {name: {"path", "digest"}}: PPO's final policy, the SFT policy and
     reward model PPO was trained from (as recorded in its manifest), and the pretrained model when present.
@@ -268,9 +277,10 @@ def compared_checkpoints(run_dir: Path) -> dict[str, dict[str, str | None]]:
         raise ConfigError(f"{run_dir}: the PPO stage is stale ({reason}); run `rlhf run` again to retrain it "
                           f"before comparing")
     inputs = manifest["inputs"]
-    checkpoints = {"sft": {"path": inputs["model"]["path"], "digest": inputs["model"]["digest"]},
+    checkpoints = {"sft": {"path": recorded_input_path(run_dir, inputs["model"]), "digest": inputs["model"]["digest"]},
                    "ppo": {"path": str(final_dir), "digest": cached_directory_digest(final_dir, run_dir)},
-                   "reward": {"path": inputs["reward"]["path"], "digest": inputs["reward"]["digest"]}}
+                   "reward": {"path": recorded_input_path(run_dir, inputs["reward"]),
+                              "digest": inputs["reward"]["digest"]}}
     pretrained = run_dir / "pretrain" / "final"
     if pretrained.is_dir():
         checkpoints["pretrain"] = {"path": str(pretrained), "digest": cached_directory_digest(pretrained, run_dir)}

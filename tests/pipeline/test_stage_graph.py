@@ -179,3 +179,24 @@ def test_compare_names_its_checkpoints_and_refuses_a_stale_ppo(tmp_path):
     finish_stage(config, "sft", weights="retrained")
     with pytest.raises(ConfigError, match="the PPO stage is stale .*sft changed"):
         compared_checkpoints(config.run_dir)
+
+
+def test_a_moved_run_directory_keeps_its_finished_stages_and_compares_what_it_holds(tmp_path):
+    config = finished_run(tmp_path / "here")
+    shutil.copytree(config.run_dir, tmp_path / "there" / config.run.name)
+    moved = smoke_config(tmp_path / "there")
+    for stage in STAGES:
+        assert plan_stage_start(moved, stage, restart=False).already_finished, stage
+        assert stale_reason(moved.run_dir, stage) is None
+    checkpoints = compared_checkpoints(moved.run_dir)
+    assert checkpoints["sft"]["path"] == str(moved.run_dir / "sft" / "final")
+    assert checkpoints["reward"]["path"] == str(moved.run_dir / "reward" / "final")
+    # Content still decides: an upstream stage retrained in the moved copy makes its downstream stale there.
+    finish_stage(moved, "sft", weights="retrained")
+    assert "sft changed since it was read" in plan_stage_start(moved, "reward", restart=False).set_aside[1]
+
+
+def test_an_external_model_at_another_path_is_another_input():
+    old = {"model": {"from": "model.name_or_path", "path": "/models/a", "digest": "a" * 64}}
+    new = {"model": {**old["model"], "path": "/models/b"}}
+    assert changed_inputs(old, new) == ["input model is now /models/b (was /models/a)"]
