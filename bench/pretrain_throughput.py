@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -150,8 +151,24 @@ def throughput(steps: int, rounds: int, bf16: bool, compile_too: bool, scratch: 
         result.update(eager_warm_tokens_per_s=round(median["minimal_eager_warm"]),
                       compiled_warm_tokens_per_s=round(median["minimal_compiled_warm"]),
                       compiled_over_eager=round(median["minimal_compiled_warm"] / median["minimal_eager_warm"], 3),
-                      compile_warmup_s=round(statistics.median(compile_seconds), 1))
+                      compile_warmup_s=round(statistics.median(compile_seconds), 1),
+                      compile_first_warmup_s=round(compile_seconds[0], 1),
+                      compile_break_even_steps=break_even_steps(
+                          compile_seconds[0], tokens_per_step, median["minimal_eager_warm"],
+                          median["minimal_compiled_warm"]))
     return result
+
+
+def break_even_steps(first_warmup_s: float, tokens_per_step: int, eager_tokens_per_s: float,
+                     compiled_tokens_per_s: float) -> int | None:
+    """After how many training steps the first compile (its warm-up steps included) has paid for itself: the
+    extra seconds of warm-up over eager's warm-up steps, divided by the seconds each compiled step saves. None
+    when compiled steps are not faster."""
+    eager_step_s, compiled_step_s = tokens_per_step / eager_tokens_per_s, tokens_per_step / compiled_tokens_per_s
+    if compiled_step_s >= eager_step_s:
+        return None
+    extra_s = first_warmup_s - WARMUP_STEPS * eager_step_s
+    return WARMUP_STEPS + max(0, round(extra_s / (eager_step_s - compiled_step_s)))
 
 
 # ---------------------------------------------------------------- tinyshakespeare
@@ -240,6 +257,8 @@ def main() -> None:
         parser.error(f"--shakespeare: no file at {arguments.shakespeare}")
     print(json.dumps({"machine": machine_description()}))
     with tempfile.TemporaryDirectory() as scratch:
+        # An empty inductor cache, so that the first compile costs what it costs a user's first run.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(scratch) / "inductor-cache")
         if arguments.shakespeare:
             result = shakespeare(arguments.shakespeare, Path(scratch))
             print(f"tinyshakespeare (last 10% held out): {result['nats_per_char']} nats/char = "
@@ -256,7 +275,10 @@ def main() -> None:
         if "compiled_over_eager" in result:
             print(f"torch.compile (minimal loop, after {WARMUP_STEPS} warm-up steps): "
                   f"{result['compiled_warm_tokens_per_s']} vs eager {result['eager_warm_tokens_per_s']} tokens/s "
-                  f"= {result['compiled_over_eager']}×; warm-up with compilation {result['compile_warmup_s']} s")
+                  f"= {result['compiled_over_eager']}×; warm-up with compilation {result['compile_warmup_s']} s "
+                  f"(the first, with an empty inductor cache, {result['compile_first_warmup_s']} s: "
+                  + (f"it pays for itself after {result['compile_break_even_steps']} steps)"
+                     if result["compile_break_even_steps"] else "compiled steps were not faster, it never pays)"))
         print(json.dumps(result))
 
 

@@ -7,7 +7,7 @@ import torch
 from data.loading import read_rows
 from data.tokenizer import train_bpe_tokenizer
 from pretrain_throughput import (
-    characters_per_token_id, flops_per_token, matmul_peak, nanogpt_split, nats_per_character, shakespeare,
+    WARMUP_STEPS, break_even_steps, characters_per_token_id, flops_per_token, matmul_peak, nanogpt_split, nats_per_character, shakespeare,
     throughput, tokens_per_second, write_text_rows)
 from stages.pretrain import packed_blocks
 
@@ -65,6 +65,13 @@ def test_flops_and_peak_are_positive_and_scale():
     assert matmul_peak(torch.float32, size=64, repeats=2) > 1e6
 
 
+def test_compile_pays_for_itself_once_the_saved_step_time_covers_its_warm_up():
+    # 100 tokens a step: eager 1.0 s a step, compiled 0.5 s; warm-up took 10 s more than eager's would have.
+    first_warmup_s = WARMUP_STEPS * 1.0 + 10.0
+    assert break_even_steps(first_warmup_s, 100, eager_tokens_per_s=100, compiled_tokens_per_s=200) == WARMUP_STEPS + 20
+    assert break_even_steps(first_warmup_s, 100, eager_tokens_per_s=100, compiled_tokens_per_s=90) is None
+
+
 @pytest.mark.slow
 def test_stage_minimal_and_compiled_loops_run_on_one_setup(tmp_path):
     result = throughput(steps=5, rounds=1, bf16=False, compile_too=True, scratch=tmp_path, overrides=SMALL + [
@@ -73,6 +80,7 @@ def test_stage_minimal_and_compiled_loops_run_on_one_setup(tmp_path):
     assert result["stage_tokens_per_s"] > 0 and result["minimal_tokens_per_s"] > 0
     assert set(result["runs_tokens_per_s"]) == {"stage", "minimal", "minimal_eager_warm", "minimal_compiled_warm"}
     assert result["compiled_over_eager"] > 0 and result["compile_warmup_s"] > 0
+    assert result["compile_first_warmup_s"] >= result["compile_warmup_s"]
     assert 0 < result["stage_mfu"] < 1
 
 
