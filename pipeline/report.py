@@ -230,15 +230,20 @@ def best_of_n_verdicts(comparison) -> list[str]:
         if rate is None or row is None:
             continue
         p, low, high = rate["win_rate"], rate["low"], rate["high"]
+        ppo_mean, best_mean = comparison.means["ppo"][metric], row[metric]
         figures = (f"PPO wins {p:.0%} of {rate['prompts']} prompts against it (95% CI {low:.0%}–{high:.0%}), mean "
-                   f"{metric} {comparison.means['ppo'][metric]:.2f} vs {row[metric]:.2f}")
-        if p < 0.5:
-            verdict = (f"PPO does not match best-of-{n} on {judge}: {figures}"
-                       + ("; the interval includes parity" if high >= 0.5 else ""))
+                   f"{metric} {ppo_mean:.2f} vs {best_mean:.2f}")
+        if high < 0.5:
+            verdict = f"PPO loses to best-of-{n} on {judge}: {figures}"
         elif low > 0.5:
             verdict = f"PPO beats best-of-{n} on {judge}: {figures}"
         else:
-            verdict = f"PPO matches best-of-{n} on {judge} within noise: {figures}"
+            verdict = f"PPO and best-of-{n} are level on {judge} within noise: {figures}"
+        # A per-prompt win rate and a mean can disagree: one side wins more prompts, the other wins by more.
+        if p > 0.5 and ppo_mean < best_mean:
+            verdict += f"; best-of-{n} wins fewer prompts but by more, and is ahead on the mean"
+        elif p < 0.5 and ppo_mean > best_mean:
+            verdict += f"; PPO wins fewer prompts but by more, and is ahead on the mean"
         sentences.append(f"{verdict}. At inference PPO draws 1 sample per prompt; best-of-{n} draws {n} and scores "
                          f"each with the reward model.")
     return sentences

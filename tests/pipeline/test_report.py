@@ -107,21 +107,22 @@ def rich_comparison() -> Comparison:
     return result
 
 
-def test_best_of_n_verdicts_say_plainly_where_ppo_does_not_match_and_what_it_costs():
+def test_best_of_n_verdicts_say_plainly_who_wins_what_it_costs_and_when_the_mean_disagrees():
     result = rich_comparison()
-    rates = {"gold_vs_best_of_2": 0.2, "gold_vs_best_of_4": 0.45}
-    for name, p in rates.items():
-        result.win_rates[name] = {"win_rate": p, "low": p - 0.1 if name.endswith("2") else 0.3,
-                                  "high": p + 0.1 if name.endswith("2") else 0.6, "prompts": 2, "ties": 0}
+    result.means["ppo"]["gold"] = 0.0
+    result.best_of_n["2"]["gold"], result.best_of_n["4"]["gold"] = 1.0, -1.0
+    result.win_rates["gold_vs_best_of_2"] = {"win_rate": 0.2, "low": 0.1, "high": 0.3, "prompts": 2, "ties": 0}
+    result.win_rates["gold_vs_best_of_4"] = {"win_rate": 0.45, "low": 0.3, "high": 0.6, "prompts": 2, "ties": 0}
     first, second = best_of_n_verdicts(result)
-    assert first.startswith("PPO does not match best-of-2 on the gold judge: PPO wins 20% of 2 prompts")
-    assert "interval includes parity" not in first and "best-of-2 draws 2 and scores each" in first
-    assert second.startswith("PPO does not match best-of-4") and "; the interval includes parity." in second
+    assert first.startswith("PPO loses to best-of-2 on the gold judge: PPO wins 20% of 2 prompts")
+    assert "ahead on the mean" not in first and "best-of-2 draws 2 and scores each" in first
+    assert second.startswith("PPO and best-of-4 are level on the gold judge within noise: PPO wins 45%")
+    assert "; PPO wins fewer prompts but by more, and is ahead on the mean." in second
     result.win_rates["gold_vs_best_of_2"] = {"win_rate": 0.8, "low": 0.6, "high": 0.9, "prompts": 2, "ties": 0}
     result.win_rates["gold_vs_best_of_4"] = {"win_rate": 0.55, "low": 0.4, "high": 0.7, "prompts": 2, "ties": 0}
     first, second = best_of_n_verdicts(result)
-    assert first.startswith("PPO beats best-of-2")
-    assert second.startswith("PPO matches best-of-4 on the gold judge within noise")
+    assert first.startswith("PPO beats best-of-2") and "; best-of-2 wins fewer prompts but by more" in first
+    assert second.startswith("PPO and best-of-4 are level") and "ahead on the mean" not in second
     result.settings["best_of"] = []
     assert best_of_n_verdicts(result) == []
 
