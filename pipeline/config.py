@@ -95,6 +95,9 @@ class PretrainSection:
     adam_beta2: float = 0.95
     max_grad_norm: float = 1.0
     bf16: bool | None = None  # bf16 autocast; None = on where the device supports it
+    # torch.compile the training forward. Off by default: on 2 CPU cores the first compile takes ~30 s, more than
+    # it saves in the default run's 400 steps (bench/pretrain_throughput.py); not measured on GPU here.
+    torch_compile: bool = False
     eval_steps: int = 100
     eval_batches: int = 8  # batches of the held-out split per evaluation
     logging_steps: int = 10

@@ -117,6 +117,15 @@ def evaluate(model, blocks: torch.Tensor, settings: PretrainSection, accelerator
 
 
 # ---------------------------------------------------------------- the stage
+def compiled_training_forward(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
+    """The prepared model under torch.compile, for the training steps only: it shares the model's parameters, while
+    evaluation (another batch size) and saving keep the plain module, so neither recompiles nor sees `_orig_mod.`
+    names. DeepSpeed's engine compiles through its own `engine.compile()`, which this loop does not drive."""
+    if engine_of(accelerator).name.startswith("zero"):
+        raise ConfigError("pretrain.torch_compile: not supported under DeepSpeed; set it to false or use ddp/fsdp2")
+    return torch.compile(model)
+
+
 def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
     """Train the tokenizer and the model; return the directory of the final HF checkpoint."""
     settings = config.pretrain
@@ -146,6 +155,7 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
     configure_deepspeed(accelerator, settings.per_device_train_batch_size, settings.gradient_accumulation_steps,
                         settings.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
+    training_forward = compiled_training_forward(model, accelerator) if settings.torch_compile else model
 
     step, _ = loop.resume()
     metrics_log = loop.begin(input_checkpoint=config.model.name_or_path, max_steps=settings.max_steps,
@@ -168,7 +178,7 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
                                     accelerator.process_index, accelerator.num_processes)
             batch = train_blocks[indices].to(accelerator.device)
             with accumulation_boundary(accelerator, model, micro_step == settings.gradient_accumulation_steps - 1):
-                loss = model(input_ids=batch, labels=batch).loss / settings.gradient_accumulation_steps
+                loss = training_forward(input_ids=batch, labels=batch).loss / settings.gradient_accumulation_steps
                 backward(accelerator, loss)
             step_loss += loss.detach()
         poison_gradients_if_requested(STAGE, step, model)

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from pipeline.checkpoints import COMPLETE_MARKER, read_manifest
@@ -117,3 +118,32 @@ def test_bf16_autocast_on_cpu_learns_with_matmul_attention(tmp_path, monkeypatch
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.5
     assert attention_used == ["eager"]
     assert AutoModelForCausalLM.from_pretrained(final).config._attn_implementation == "sdpa"  # the choice is not saved
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_as_eager_does_and_saves_plain_weights(tmp_path, monkeypatch):
+    compiled = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or real_compile(model))
+    losses = {}
+    for name, flag in (("eager", "false"), ("compiled", "true")):
+        config = load_config(SMOKE, [f"run.output_dir={tmp_path / name}", f"pretrain.torch_compile={flag}",
+                                     "pretrain.max_steps=6", "pretrain.save_steps=6", "pretrain.logging_steps=2",
+                                     "pretrain.eval_steps=6"])
+        final = run_pretraining(config)
+        losses[name] = [json.loads(line)["loss"] for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
+    assert len(compiled) == 1  # only the compiled run's training forward
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)
+    saved = load_file(final / "model.safetensors")
+    assert saved and not any("_orig_mod" in name for name in saved)  # plain names, as transformers loads them
+    assert AutoModelForCausalLM.from_pretrained(final).config.num_hidden_layers == 2
+
+
+def test_torch_compile_under_deepspeed_is_a_config_error(monkeypatch):
+    import stages.pretrain
+    from pipeline.config import ConfigError
+    from pipeline.engines import Engine
+
+    monkeypatch.setattr(stages.pretrain, "engine_of", lambda accelerator: Engine("zero3"))
+    with pytest.raises(ConfigError, match=r"^pretrain.torch_compile: not supported under DeepSpeed"):
+        stages.pretrain.compiled_training_forward(torch.nn.Linear(2, 2), accelerator=None)
