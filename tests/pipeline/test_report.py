@@ -6,9 +6,9 @@ import pytest
 
 from pipeline.compare import Comparison, Sample, win_rate
 from pipeline.report import (
-    ChartSeries, best_of_n_rows, best_of_n_verdicts, family_rows, headline, line_chart, marker, over_optimisation_chart,
-    over_optimisation_rows, padded_range, reliability_chart, reward_model_sentences, win_rate_label, write_report,
-    xy_chart)
+    best_of_n_rows, best_of_n_verdicts, family_rows, headline, over_optimisation_rows, reward_model_sentences,
+    win_rate_label, write_report)
+from pipeline.report_charts import over_optimisation_chart, reliability_chart
 
 
 def comparison() -> Comparison:
@@ -52,11 +52,6 @@ def test_report_files_and_escaping(tmp_path):
     assert data["win_rates"]["gold"]["win_rate"] == 1.0 and len(data["samples"]) == 8
     assert "PPO beats SFT on the hidden gold judge in 100%" in (report / "summary.md").read_text()
     assert headline(comparison()).startswith("PPO beats SFT on the hidden gold judge in 100% of 2")
-
-
-def test_line_chart_handles_flat_and_empty_series():
-    assert line_chart("flat", [1, 2], [3.0, 3.0]).startswith("<svg")
-    assert line_chart("empty", [], []) == ""
 
 
 def chromium():
@@ -143,17 +138,6 @@ def test_win_rate_labels():
     assert win_rate_label("gold") == "gold judge: PPO vs SFT"
     assert win_rate_label("reward_vs_best_of_16") == "reward model: PPO vs best-of-16"
     assert win_rate_label("gold_vs_sft") == "gold judge: PPO vs SFT"
-
-
-def test_xy_chart_draws_series_legends_and_references():
-    series = [ChartSeries("solid <a>", [(0.0, 0.0), (1.0, 2.0)], "#111", labels=["x", "y"]),
-              ChartSeries("dashed", [(0.5, -1.0)], "#222", dashed=True, square=True)]
-    svg = xy_chart("t", series, "KL", "score", diagonal=True, zero_line=True)
-    assert svg.startswith("<svg") and svg.count("<polyline") == 1 and "stroke-dasharray=\"6,3\"" in svg
-    assert "solid &lt;a&gt;" in svg and ">x</text>" in svg and svg.count("<rect") == 2  # marker and legend
-    assert svg.count('stroke="#999"') == 1 and svg.count('stroke="#bbb"') == 1
-    assert xy_chart("t", [ChartSeries("none", [], "#111")], "x", "y") == ""
-    assert marker(1, 2, "#333", square=False).startswith("<circle") and padded_range([1.0, 1.0])[0] < 1.0
 
 
 def test_over_optimisation_chart_draws_gains_over_sft_and_reliability_skips_empty_bins():
