@@ -21,7 +21,8 @@ from pipeline.checkpoints import (
     OutputWriteError, latest_checkpoint, policy_snapshots, read_manifest, remove_stale_temporaries)
 from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.stage_graph import (
-    EXTERNAL_MODEL, changed_inputs, set_aside, stage_identity, starting_model_source, upstream_final_dir)
+    EXTERNAL_MODEL, changed_inputs, config_values, set_aside, stage_identity, starting_model_source,
+    upstream_final_dir)
 
 def parse_stage_arguments(stage: str, argv: list[str] | None = None) -> tuple[PipelineConfig, bool]:
     """Parse `--config FILE [--restart] [key=value ...]`; a bad config exits 2 with one line naming the key."""
@@ -55,14 +56,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "",
+                       defaults: dict[str, Any] | None = None) -> list[str]:
+    """Dotted keys whose values differ between two nested dicts. With `defaults` (the same keys' default values),
+    a key that `old` lacks and `new` holds at its default is no difference: it is a setting added to the pipeline
+    after `old` was recorded, and the default keeps what the code did before it existed."""
     keys = sorted(set(old) | set(new))
     differences = []
     for key in keys:
         a, b = old.get(key), new.get(key)
+        default = (defaults or {}).get(key)
+        if defaults is not None and key not in old and key in defaults and b == default:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            differences += config_differences(a, b, f"{prefix}{key}.")
+            differences += config_differences(a, b, f"{prefix}{key}.",
+                                              default if isinstance(default, dict) else None)
         elif a != b:
             differences.append(f"{prefix}{key}")
     return differences
@@ -101,7 +109,8 @@ def plan_stage_start(config: PipelineConfig, stage: str, restart: bool, is_main_
     has_outputs = (latest_checkpoint(stage_dir) is not None or (stage_dir / "final").is_dir()
                    or bool(policy_snapshots(stage_dir)))
     if manifest is not None and has_outputs:
-        changed = config_differences(manifest.get("config") or {}, identity["config"])
+        changed = config_differences(manifest.get("config") or {}, identity["config"],
+                                     defaults=config_values(PipelineConfig(), stage))
         if changed:
             raise ConfigError(
                 f"{stage}: config changed since this stage's checkpoints were written ({', '.join(changed[:5])}); "

@@ -1,4 +1,4 @@
-"""pipeline/stage.py: when bf16 autocast is on."""
+"""pipeline/stage.py: when bf16 autocast is on; what counts as a changed config."""
 
 import warnings
 

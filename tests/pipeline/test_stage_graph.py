@@ -200,3 +200,13 @@ def test_an_external_model_at_another_path_is_another_input():
     old = {"model": {"from": "model.name_or_path", "path": "/models/a", "digest": "a" * 64}}
     new = {"model": {**old["model"], "path": "/models/b"}}
     assert changed_inputs(old, new) == ["input model is now /models/b (was /models/a)"]
+
+
+def test_a_setting_added_after_a_stage_finished_keeps_it_when_left_at_its_default(tmp_path):
+    config = finished_run(tmp_path)
+    manifest = read_manifest(config.run_dir / "pretrain")
+    del manifest["config"]["pretrain"]["torch_compile"]  # as written before the setting existed
+    write_manifest(config.run_dir / "pretrain", **manifest)
+    assert plan_stage_start(config, "pretrain", restart=False).already_finished
+    with pytest.raises(ConfigError, match=r"pretrain: config changed .*\(pretrain.torch_compile\)"):
+        plan_stage_start(smoke_config(tmp_path, "pretrain.torch_compile=true"), "pretrain", restart=False)
