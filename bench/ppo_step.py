@@ -82,6 +82,7 @@ def time_ppo_steps(shape: PPOBenchShape, lora: bool = False) -> dict:
     from accelerate import Accelerator
 
     import stages.ppo as ppo
+    from pipeline.ppo_experience import generate_rollout, score_rollout
     from reward_model import RewardNormalization
 
     accelerator = Accelerator(mixed_precision="bf16" if shape.dtype == "bf16" else "no")
@@ -96,11 +97,11 @@ def time_ppo_steps(shape: PPOBenchShape, lora: bool = False) -> dict:
         synchronize()
         began = time.perf_counter()
         model.eval()
-        rollout = ppo.generate_rollout(model, tokenizer, queries, torch.ones_like(queries), settings, accelerator)
+        rollout = generate_rollout(model, tokenizer, queries, torch.ones_like(queries), settings, accelerator)
         synchronize()
         generated = time.perf_counter()
-        experience, _ = ppo.score_rollout(rollout, model, parts["reference"], parts["reward_scorer"],
-                                         RewardNormalization(), settings.kl_coef, settings, accelerator)
+        experience, _ = score_rollout(rollout, model, parts["reference"], parts["reward_scorer"],
+                                     RewardNormalization(), settings.kl_coef, settings, accelerator)
         synchronize()
         scored = time.perf_counter()
         model.train()

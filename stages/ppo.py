@@ -6,7 +6,7 @@ Each step: sample responses to a batch of prompts (rollout), score them with the
 reference policy (experience), compute per-token rewards and GAE advantages, then run num_ppo_epochs of
 clipped policy and value updates over shuffled minibatches. The details that decide whether PPO works are
 listed in ../shared/PPO_NOTES.md; the math lives in pipeline/policy_gradient.py, the models and the forwards
-through them in pipeline/ppo_models.py.
+through them in pipeline/ppo_models.py, the rollout and its scoring in pipeline/ppo_experience.py.
 
 Engines (pipeline/engines.py): the policy and the value model train as one PolicyAndValue with one AdamW (policy
 and critic learning rates in its parameter groups), because DeepSpeed and FSDP2 prepare one model; its gradient
@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,18 +42,15 @@ from pipeline.checkpoints import policy_snapshot_dir
 from pipeline.config import ConfigError, PipelineConfig, PPOSection
 from pipeline.custom_loop import CustomLoop
 from pipeline.engines import (
-    PolicyAndValue, accumulation_boundary, backward, clipped_gradient_norm, engine_of, policy_for_generation,
-    save_final_model)
+    PolicyAndValue, accumulation_boundary, backward, clipped_gradient_norm, engine_of, save_final_model)
 from pipeline.faults import (
     poison_gradients_if_requested, poison_weights_if_requested, require_finite_gradient_norms, require_finite_weights)
 from pipeline.models import count_parameters
 from pipeline.policy_gradient import (
-    clipped_policy_loss, clipped_value_loss, gae_advantages, kl_controller_from_config, kl_per_token,
-    logprobs_of_tokens, masked_mean, masked_whiten, minibatch_statistics, per_token_rewards, response_mask)
+    clipped_policy_loss, clipped_value_loss, kl_controller_from_config, logprobs_of_tokens, minibatch_statistics)
+from pipeline.ppo_experience import Experience, generate_rollout, score_rollout
 from pipeline.ppo_models import (
-    RewardScorer, build_critic, build_policy, policy_context_length, prepare_ppo_models, response_logits_and_values,
-    scoring_forwards)
-from pipeline.rollout import sample_batch, sampling_config
+    build_critic, build_policy, policy_context_length, prepare_ppo_models, response_logits_and_values)
 from pipeline.stage import run_stage_main, seed_everything, stage_input_model
 from reward_model import RewardNormalization, load_reward_model, require_same_vocabulary
 
@@ -99,93 +95,6 @@ def prompt_indices(step: int, settings: PPOSection, num_prompts: int, seed: int,
                                "prompts")
     start += process_index * local
     return order[start: start + local]
-
-
-# ---------------------------------------------------------------- rollout and experience
-@dataclass
-class Experience:
-    sequences: torch.Tensor  # prompt + response ids [B, Lq + T]
-    attention_mask: torch.Tensor
-    mask: torch.Tensor  # valid response tokens [B, T]
-    old_logprobs: torch.Tensor
-    old_values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-
-
-@dataclass
-class Rollout:
-    queries: torch.Tensor  # left-padded prompts [B, Lq]
-    query_mask: torch.Tensor
-    responses: torch.Tensor  # [B, T], padding after the first EOS
-    mask: torch.Tensor  # valid response tokens, the EOS included
-    last_index: torch.Tensor  # where each response's score goes
-    contains_eos: torch.Tensor
-
-
-@torch.no_grad()
-def generate_rollout(model: PolicyAndValue, tokenizer, queries, query_mask, settings: PPOSection,
-                     accelerator: Accelerator) -> Rollout:
-    """Sample responses from the policy of the prepared PolicyAndValue with the KV cache, its weights gathered
-    where the engine shards them; cut each at its first EOS."""
-    # One autocast context around all decoding steps: the policy's bf16 weights are cast once, not once a token.
-    with policy_for_generation(model, accelerator) as generator, accelerator.autocast():
-        try:
-            responses, _ = sample_responses(generator, queries, query_mask, settings, tokenizer)
-        except RuntimeError as error:
-            if "inf" not in str(error) and "nan" not in str(error):
-                raise
-            raise FloatingPointError("ppo: the policy's probabilities became NaN/inf; the last good checkpoint is "
-                                     "kept (lower ppo.learning_rate and resume)") from None
-    mask, last_index, contains_eos = response_mask(responses, tokenizer.eos_token_id)
-    return Rollout(queries, query_mask, responses, mask, last_index, contains_eos)
-
-
-@torch.no_grad()
-def score_rollout(rollout: Rollout, model: PolicyAndValue, reference, reward_scorer: RewardScorer, normalization,
-                  kl_value: float, settings: PPOSection, accelerator: Accelerator
-                  ) -> tuple[Experience, dict[str, torch.Tensor]]:
-    """The experience of a rollout: old logprobs, reference logprobs, values and scores from the models
-    (`scoring_forwards`: the training code path, in equal chunks on every process), then per-token rewards and
-    whitened GAE advantages. `reference` is None for a LoRA policy: the policy with its adapter off."""
-    mask = rollout.mask
-    sequences = torch.cat([rollout.queries, rollout.responses], dim=1)
-    attention_mask = torch.cat([rollout.query_mask, mask.long()], dim=1)
-    forwards = scoring_forwards(model, reference, reward_scorer, sequences, attention_mask, rollout.responses,
-                                settings.temperature, settings.local_rollout_forward_batch_size, accelerator)
-    logprobs, ref_logprobs, raw_scores = forwards.logprobs, forwards.reference_logprobs, forwards.raw_scores
-
-    scores = normalization.apply(raw_scores) if settings.normalize_reward else raw_scores.clone()
-    if settings.missing_eos_penalty is not None:
-        scores[~rollout.contains_eos] -= settings.missing_eos_penalty
-    kl = kl_per_token(logprobs, ref_logprobs, settings.kl_estimator)
-    rewards, non_score_rewards = per_token_rewards(scores, kl, mask, rollout.last_index, kl_value)
-    if settings.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
-    values = forwards.values.masked_fill(~mask, 0.0)
-    advantages, returns = gae_advantages(rewards, values, mask, settings.gamma, settings.lam)
-    advantages = masked_whiten(advantages, mask)
-
-    k1 = (logprobs - ref_logprobs).masked_fill(~mask, 0.0).sum(1)
-    k3 = kl_per_token(logprobs, ref_logprobs, "k3").masked_fill(~mask, 0.0).sum(1)
-    statistics = {
-        "objective/scores": scores.mean(), "objective/raw_scores": raw_scores.mean(),
-        "objective/kl": k1.mean(), "objective/kl_k3": k3.mean(),
-        "objective/non_score_reward": non_score_rewards.sum(1).mean(),
-        "objective/rlhf_reward": scores.mean() + non_score_rewards.sum(1).mean(),
-        "objective/entropy": masked_mean(forwards.entropy, mask),
-        "val/response_length": mask.sum(1).float().mean(), "val/eos_share": rollout.contains_eos.float().mean(),
-    }
-    return Experience(sequences, attention_mask, mask, logprobs, values, advantages, returns), statistics
-
-
-def sample_responses(generator, queries, query_mask, settings: PPOSection, tokenizer
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample from π itself: temperature only, no top-k / top-p and none of the checkpoint's generation_config,
-    so the PPO ratio and KL are unbiased. (responses, mask), each response cut at its first EOS."""
-    config = sampling_config(settings.response_length, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                             settings.temperature)
-    return sample_batch(generator, queries, query_mask, config, settings.local_rollout_forward_batch_size)
 
 
 # ---------------------------------------------------------------- optimisation

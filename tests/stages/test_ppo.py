@@ -1,6 +1,7 @@
-"""PPO end to end on tiny models: the first-minibatch invariant (fp32 and bf16), a minibatch gradient independent
-of its split, the optimizer's settings, a learnable signal, exact resume. The models themselves (the critic's
-units) are tested in tests/pipeline/test_ppo_models.py."""
+"""PPO end to end on a tiny pretrained run: the first-minibatch invariant (fp32 and bf16), a learnable signal, exact
+resume, sampling from π whatever the checkpoint's generation config, compare scoring as PPO does. The update and
+the snapshots on tiny random models are in tests/stages/test_ppo_units.py, the models themselves (the critic's
+units) in tests/pipeline/test_ppo_models.py."""
 
 import json
 import shutil
@@ -13,9 +14,10 @@ import pipeline.ppo_models as ppo_models
 import stages.ppo as ppo
 from pipeline.batches import left_pad
 from pipeline.checkpoints import COMPLETE_MARKER, read_manifest, write_manifest
-from pipeline.config import ConfigError, PeftSection, PPOSection, load_config
+from pipeline.config import PeftSection, PPOSection, load_config
 from pipeline.engines import PolicyAndValue, place_frozen_model
 from pipeline.policy_gradient import logprobs_of_tokens, masked_mean
+from pipeline.ppo_experience import Rollout, generate_rollout, score_rollout
 from pipeline.rollout import position_ids_of
 from stages.pretrain import run_pretraining
 from tests.helpers import SMOKE, assert_identical_weights, run_and_kill_when, run_stage
@@ -99,11 +101,11 @@ def test_first_minibatch_of_first_epoch_has_ratio_exactly_one(pretrained_run, mi
     queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
     torch.manual_seed(0)
     model.eval()
-    rollout = ppo.generate_rollout(model, tokenizer, queries, query_mask, settings, accelerator)
+    rollout = generate_rollout(model, tokenizer, queries, query_mask, settings, accelerator)
     assert rollout.responses.shape[1] <= 12
     after_eos = ~rollout.mask
     assert (rollout.responses[after_eos] == tokenizer.pad_token_id).all()
-    experience, statistics = ppo.score_rollout(rollout, model, reference, reward_scorer, normalization,
+    experience, statistics = score_rollout(rollout, model, reference, reward_scorer, normalization,
                                               0.05, settings, accelerator)
     assert abs(statistics["objective/kl"].item()) < 1e-6  # policy == reference before any update
     assert masked_mean(experience.advantages, experience.mask).abs().item() < 1e-5  # whitened
@@ -114,115 +116,6 @@ def test_first_minibatch_of_first_epoch_has_ratio_exactly_one(pretrained_run, mi
     assert first["val/ratio_var"].item() == pytest.approx(0.0, abs=1e-10)
     assert first["policy/approxkl_avg"].item() == pytest.approx(0.0, abs=1e-10)
     assert first["policy/clipfrac_avg"].item() == 0.0
-
-
-class RecordingOptimizer:
-    """Stands in for AdamW: keeps the gradient each step would apply, and applies nothing."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.parameters, self.steps = list(model.parameters()), []
-
-    def step(self):
-        self.steps.append(flat_gradient(self.parameters))
-
-    def zero_grad(self, set_to_none: bool = True):
-        for parameter in self.parameters:
-            parameter.grad = None
-
-
-def flat_gradient(parameters) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in parameters])
-
-
-def tiny_policy_critic_and_experience() -> tuple[torch.nn.Module, ppo_models.ValueModel, ppo.Experience]:
-    """A random 2-layer policy and critic, and a rollout of 8 left-padded prompts with responses of 1 to 8 tokens,
-    old logprobs and values near the models' own (so some tokens clip), random advantages and returns."""
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-
-    config = LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0,
-                         num_labels=1)
-    torch.manual_seed(0)
-    policy, critic = LlamaForCausalLM(config), ppo_models.ValueModel(LlamaForSequenceClassification(config))
-    prompt_lengths, response_lengths = [3, 6, 2, 5, 4, 6, 1, 3], [8, 1, 5, 2, 7, 3, 6, 4]
-    context, width = max(prompt_lengths), max(response_lengths)
-    queries = left_pad([torch.randint(3, 40, (n,)).tolist() for n in prompt_lengths], 0)
-    mask = torch.arange(width)[None, :] < torch.tensor(response_lengths)[:, None]
-    responses = torch.randint(3, 40, (8, width)).masked_fill(~mask, 0)
-    sequences, attention_mask = torch.cat([queries[0], responses], 1), torch.cat([queries[1], mask.long()], 1)
-    with torch.no_grad():
-        logits = ppo_models.response_logits(policy, sequences, attention_mask, context)
-        logprobs = logprobs_of_tokens(logits, responses)
-        values = critic(sequences, attention_mask, position_ids_of(attention_mask))[:, context - 1: -1]
-
-    def noisy(tensor, scale):
-        return (tensor + scale * torch.randn_like(tensor)).masked_fill(~mask, 0.0)
-
-    experience = ppo.Experience(sequences, attention_mask, mask, noisy(logprobs, 0.3), noisy(values, 0.3),
-                                noisy(torch.zeros_like(values), 1.0), noisy(torch.zeros_like(values), 1.0))
-    return policy, critic, experience
-
-
-def test_minibatch_gradient_is_the_same_for_any_split_and_order_of_micro_batches():
-    """Each micro-batch's token sums go over the minibatch's token count: 1, 2 or 4 micro-batches, any order and any
-    grouping give the gradient of one token mean over the minibatch (a mean per micro-batch would weigh a token
-    of the one-token response like 8 tokens of the longest)."""
-    from accelerate import Accelerator
-
-    policy, critic, experience = tiny_policy_critic_and_experience()
-    model = PolicyAndValue(policy, critic)
-    accelerator = Accelerator(cpu=True)
-    context = experience.sequences.shape[1] - experience.mask.shape[1]
-    gradients = {}
-    for split in (1, 2, 4):
-        settings = PPOSection(per_device_train_batch_size=8 // split, gradient_accumulation_steps=split,
-                              num_ppo_epochs=1, max_grad_norm=1e9)
-        for seed in (0, 1) if split > 1 else (0,):
-            optimizer = RecordingOptimizer(model)
-            ppo.ppo_update(model, optimizer, experience, settings, accelerator, torch.Generator().manual_seed(seed))
-            gradients[f"{split} micro-batches, order {seed}"] = optimizer.steps[0]
-    # Any grouping and order, through micro_batch_loss itself: uneven sizes, long and short responses mixed.
-    settings = PPOSection(num_ppo_epochs=1)
-    for groups in ([[5, 0, 3], [7], [1, 2, 6, 4]], [[6, 1], [4, 7, 0, 2, 5, 3]], [[3], [2], [1], [0, 4, 5, 6, 7]]):
-        model.zero_grad(set_to_none=True)
-        for group in groups:
-            ppo.micro_batch_loss(model, experience, torch.tensor(group), experience.mask.sum(), context, settings,
-                                 accelerator)
-        gradients[str(groups)] = flat_gradient(model.parameters())
-    reference = gradients.pop("1 micro-batches, order 0")
-    assert reference.norm() > 0
-    for name, gradient in gradients.items():
-        assert (gradient - reference).norm() <= 1e-5 * reference.norm(), name
-
-
-def test_optimizer_settings_follow_trl_and_are_validated():
-    """TRL's PPOConfig defaults: no weight decay (torch's AdamW would decay by 0.01 unasked) and a linear decay of
-    the learning rate to 0 over max_steps, a function of the step so that a resumed run matches."""
-    settings = PPOSection(max_steps=4)
-    assert settings.weight_decay == 0.0 and settings.lr_scheduler_type == "linear"
-    assert [ppo.learning_rate_scale(step, settings) for step in range(4)] == [1.0, 0.75, 0.5, 0.25]
-    constant = PPOSection(max_steps=4, lr_scheduler_type="constant")
-    assert [ppo.learning_rate_scale(step, constant) for step in range(4)] == [1.0] * 4
-
-    policy, critic, _ = tiny_policy_critic_and_experience()
-    model = PolicyAndValue(policy, critic)
-    optimizer = ppo_models.build_optimizer(model, settings)
-    assert all(group["weight_decay"] == 0.0 and group["eps"] == 1e-5 for group in optimizer.param_groups)
-    # One optimizer for the one prepared model: the policy's groups at its rate, the critic's at value_learning_rate.
-    optimizer = ppo_models.build_optimizer(model, PPOSection(weight_decay=0.05, learning_rate=1e-5,
-                                                             value_learning_rate=1e-4))
-    for (decayed, kept), part, rate in zip((optimizer.param_groups[:2], optimizer.param_groups[2:]), (policy, critic),
-                                           (1e-5, 1e-4)):
-        assert decayed["weight_decay"] == 0.05 and all(p.dim() == 2 for p in decayed["params"])
-        assert kept["weight_decay"] == 0.0 and kept["params"] and all(p.dim() == 1 for p in kept["params"])
-        assert {id(p) for p in decayed["params"] + kept["params"]} == {id(p) for p in part.parameters()}
-        assert decayed["lr"] == kept["lr"] == decayed["peak_lr"] == kept["peak_lr"] == rate
-
-    assert load_config(SMOKE, ["ppo.weight_decay=0.01", "ppo.lr_scheduler_type=constant"]).ppo.weight_decay == 0.01
-    with pytest.raises(ConfigError, match=r"^ppo\.weight_decay: must not be negative, got -0\.1$"):
-        load_config(SMOKE, ["ppo.weight_decay=-0.1"])
-    with pytest.raises(ConfigError, match=r"^ppo\.lr_scheduler_type: must be one of linear, constant; got 'cosine'$"):
-        load_config(SMOKE, ["ppo.lr_scheduler_type=cosine"])
 
 
 def test_learnable_signal_raises_reward_with_bounded_kl(pretrained_run, monkeypatch):
@@ -253,8 +146,8 @@ def test_learnable_signal_raises_reward_with_bounded_kl(pretrained_run, monkeypa
     scores, kls = [], []
     for step in range(30):
         model.eval()
-        rollout = ppo.generate_rollout(model, tokenizer, queries, query_mask, settings, accelerator)
-        experience, statistics = ppo.score_rollout(rollout, model, reference, reward_scorer, normalization,
+        rollout = generate_rollout(model, tokenizer, queries, query_mask, settings, accelerator)
+        experience, statistics = score_rollout(rollout, model, reference, reward_scorer, normalization,
                                                   settings.kl_coef, settings, accelerator)
         model.train()
         ppo.ppo_update(model, optimizer, experience, settings, accelerator, torch.Generator().manual_seed(step))
@@ -292,29 +185,6 @@ def test_sigkill_then_resume_gives_identical_policy_critic_and_metrics(pretraine
     assert manifest["status"] == "finished" and manifest["steps"] == 6
 
 
-def test_a_policy_snapshot_is_written_once_leaving_the_rng_as_it_was(tiny_causal_lm, tmp_path):
-    """The policy alone in plain HF format; a snapshot already there (a resumed run passing its step again) is kept
-    as it is; either way the RNG the next rollout samples with is untouched."""
-    from accelerate import Accelerator
-
-    from data.tokenizer import load_tokenizer
-    from pipeline.models import load_causal_lm
-
-    policy, critic, _ = tiny_policy_critic_and_experience()
-    accelerator = Accelerator(cpu=True)
-    model = accelerator.prepare(PolicyAndValue(policy, critic))
-    tokenizer = load_tokenizer(tiny_causal_lm)
-    state = torch.get_rng_state()
-    ppo.save_policy_snapshot(accelerator, model, tokenizer, tmp_path / "policy-step-3", step=3)
-    assert torch.equal(torch.get_rng_state(), state)
-    saved = load_causal_lm(tmp_path / "policy-step-3")
-    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), policy.state_dict().values()))
-    assert (tmp_path / "policy-step-3" / "tokenizer.json").is_file()
-    (tmp_path / "policy-step-6").mkdir()
-    ppo.save_policy_snapshot(accelerator, model, tokenizer, tmp_path / "policy-step-6", step=6)
-    assert not any((tmp_path / "policy-step-6").iterdir())
-
-
 STORY_PROMPTS = ("Mia", "Tom and a fox", "Ben", "Lily at the park", "Sam", "Anna", "Max", "Zoe")
 
 
@@ -342,7 +212,7 @@ def test_a_checkpoint_generation_config_leaves_the_first_ppo_step_exact(pretrain
     queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
     model = PolicyAndValue(policy, critic)
     torch.manual_seed(0)
-    rollout = ppo.generate_rollout(model, tokenizer, queries, query_mask, settings, accelerator)
+    rollout = generate_rollout(model, tokenizer, queries, query_mask, settings, accelerator)
     torch.manual_seed(0)
     by_hand, by_hand_mask = cut_at_first_eos(
         sample_from_pi_by_hand(policy, queries, query_mask, settings.temperature, settings.response_length,
@@ -351,7 +221,7 @@ def test_a_checkpoint_generation_config_leaves_the_first_ppo_step_exact(pretrain
         tokenizer.eos_token_id, tokenizer.pad_token_id)
     assert torch.equal(rollout.responses, by_hand) and torch.equal(rollout.mask, by_hand_mask)
 
-    experience, statistics = ppo.score_rollout(rollout, model, reference, ppo_models.RewardScorer(reward_model),
+    experience, statistics = score_rollout(rollout, model, reference, ppo_models.RewardScorer(reward_model),
                                               normalization, 0.05, settings, accelerator)
     assert abs(statistics["objective/kl"].item()) < 1e-6
     policy.train()
@@ -392,9 +262,9 @@ def test_compare_scores_and_kl_equal_what_ppo_gives_the_same_ids(pretrained_run)
         sequences, attention_mask, mask = prompt_response_batch([prompt_ids[index]], [ids], tokenizer.pad_token_id)
         context = len(prompt_ids[index])
         _, last_index, contains_eos = response_mask(sequences[:, context:], tokenizer.eos_token_id)
-        rollout = ppo.Rollout(sequences[:, :context], attention_mask[:, :context], sequences[:, context:], mask,
+        rollout = Rollout(sequences[:, :context], attention_mask[:, :context], sequences[:, context:], mask,
                               mask.sum(1) - 1, contains_eos)
-        _, statistics = ppo.score_rollout(rollout, PolicyAndValue(policy, critic), reference,
+        _, statistics = score_rollout(rollout, PolicyAndValue(policy, critic), reference,
                                           ppo_models.RewardScorer(reward_model), normalization, 0.05, settings,
                                           accelerator)
         assert sample.reward == pytest.approx(statistics["objective/scores"].item(), abs=1e-5)
