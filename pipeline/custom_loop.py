@@ -23,10 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from accelerate import Accelerator
-
 from pipeline.checkpoints import MetricsLog, read_trainer_state, save_training_checkpoint, write_manifest
 from pipeline.config import PipelineConfig
+from pipeline.engine_launch import engine_accelerator, require_launched_engine
 from pipeline.stage import bf16_enabled, plan_stage_start, trackers
 
 
@@ -38,8 +37,11 @@ class CustomLoop:
         self.config, self.stage, self.settings = config, stage, settings
         # gradient_accumulation_steps stays 1: the loops scale each micro-batch's loss themselves
         # (pipeline/engines.py sets DeepSpeed's own count).
-        self.accelerator = Accelerator(mixed_precision="bf16" if bf16_enabled(settings.bf16) else "no",
-                                       log_with=trackers(settings.report_to), project_dir=str(config.run_dir / stage))
+        mixed_precision = "bf16" if bf16_enabled(settings.bf16) else "no"
+        self.accelerator = engine_accelerator(mixed_precision, log_with=trackers(settings.report_to),
+                                              project_dir=str(config.run_dir / stage))
+        # Before anything is planned or written: the engine the launch asked for, or a one-line error.
+        self.engine = require_launched_engine(self.accelerator, mixed_precision, stage)
         self.start = plan_stage_start(config, stage, restart, self.accelerator.is_main_process)
         self.stage_dir = self.start.stage_dir
         self.final_dir = self.stage_dir / "final"
@@ -72,7 +74,8 @@ class CustomLoop:
         accelerator = self.accelerator
         if accelerator.is_main_process:
             self.stage_dir.mkdir(parents=True, exist_ok=True)
-            write_manifest(self.stage_dir, stage=self.stage, status="running", **self.start.identity, **manifest_fields)
+            write_manifest(self.stage_dir, stage=self.stage, status="running", **self.start.identity,
+                           engine=self.engine.as_manifest(), **manifest_fields)
         self.metrics_log = self.open_log("metrics.jsonl")
         accelerator.init_trackers(self.stage)
         self.started = time.time()

@@ -21,8 +21,7 @@ and TRL's sources, and what this module does about it:
   gradient sync before it on DDP and FSDP2, no engine step before it on DeepSpeed); `backward` leaves the losses
   as the loops normalised them; `clipped_gradient_norm` returns the global norm as a float tensor on every engine
   (DeepSpeed's after its step, inf when it skipped the step for a non-finite gradient).
-- Saves: `accelerator.get_state_dict` gathers under ZeRO-3 and FSDP2, so every process calls it; the main process
-  writes. Weights a sharded engine holds are written through a fresh CPU copy of the model.
+- Saves: pipeline/final_save.py, one engine-aware final save for every stage.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -258,82 +256,7 @@ def clipped_gradient_norm(accelerator: Accelerator, model: torch.nn.Module, max_
     return norm.detach().float()
 
 
-# ---------------------------------------------------------------- saving
-def full_state_dict(accelerator: Accelerator, model: torch.nn.Module, part: str | None = None
-                    ) -> dict[str, torch.Tensor]:
-    """Every process calls it (ZeRO-3 and FSDP2 gather collectively): the whole state dict of a prepared model on
-    the main process (others may get an empty one); `part` keeps one submodule's entries, its prefix stripped."""
-    state = accelerator.get_state_dict(model)
-    if part is None:
-        return state
-    prefix = f"{part}."
-    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-
-
-def model_holding(state: dict[str, torch.Tensor], model: torch.nn.Module, accelerator: Accelerator,
-                  trust_remote_code: bool = False) -> torch.nn.Module:
-    """Main process only: an HF causal LM (LoRA adapter included) holding `state`: `model` itself where its
-    weights are whole on this process, else a fresh CPU copy of its architecture (ZeRO-3, FSDP2)."""
-    if engine_of(accelerator).shards_weights:
-        model = cpu_copy_of_architecture(model, trust_remote_code)
-    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
-        name for name, _ in model.named_parameters()}
-    result = model.load_state_dict(state, strict=False)
-    # A gathered state dict may name a tied weight once; the copy ties it again.
-    missing = [key for key in result.missing_keys if key not in tied]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(f"the gathered weights do not fit the model: missing {missing[:3]}, "
-                           f"unexpected {result.unexpected_keys[:3]}")
-    return model
-
-
-def cpu_copy_of_architecture(model: torch.nn.Module, trust_remote_code: bool = False) -> torch.nn.Module:
-    """A CPU model built from `model`'s config, with its LoRA adapter if it has one, for one process to load a
-    gathered state dict into. transformers would build it partitioned (deepspeed.zero.Init, a collective) while a
-    ZeRO-3 config is registered, so the registration is lifted meanwhile."""
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    adapter = getattr(model, "peft_config", None)
-    base = model.get_base_model() if adapter else model
-    with _zero3_init_lifted() if is_deepspeed_zero3_enabled() else contextlib.nullcontext():
-        copy = AutoModelForCausalLM.from_config(base.config, trust_remote_code=trust_remote_code,
-                                                dtype=torch.float32)
-    if adapter:
-        from peft import get_peft_model
-
-        copy = get_peft_model(copy, adapter["default"])
-    return copy
-
-
-@contextlib.contextmanager
-def _zero3_init_lifted() -> Iterator[None]:
-    from accelerate.state import AcceleratorState
-    from transformers.integrations import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        AcceleratorState().deepspeed_plugin.set_deepspeed_weakref()
-
-
-def save_final_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer, directory: Path,
-                     part: str | None = None, trust_remote_code: bool = False) -> None:
-    """Every process calls it: the prepared model's weights (or its `part`) gathered, then written by the main
-    process as an HF directory (LoRA merged) renamed into place atomically."""
-    from pipeline.checkpoints import atomic_directory
-    from pipeline.models import save_hf_model
-
-    state = full_state_dict(accelerator, model, part)
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        target = model_holding(state, getattr(unwrapped, part) if part else unwrapped, accelerator, trust_remote_code)
-        with atomic_directory(directory) as staging:
-            save_hf_model(target, tokenizer, staging, merge_adapter=True)
-    accelerator.wait_for_everyone()
-
-
+# ---------------------------------------------------------------- shards
 def local_values(parameter: torch.Tensor) -> torch.Tensor:
     """The values of a parameter this process holds: the local shard of an FSDP2 DTensor or of a ZeRO-3
     partitioned parameter, else the parameter itself."""
@@ -341,4 +264,14 @@ def local_values(parameter: torch.Tensor) -> torch.Tensor:
 
     if isinstance(parameter, DTensor):
         return parameter.to_local()
-    return getattr(parameter, "ds_tensor", parameter)
+    shard = getattr(parameter, "ds_tensor", None)
+    if shard is None or not hasattr(parameter, "ds_numel"):
+        return parameter if shard is None else shard
+    # ZeRO-3 pads every parameter to a multiple of the world size; the padding at the end of the last partitions
+    # is torch.empty, never written (deepspeed partition_parameters.py): a 1-element bias on 2 processes leaves the
+    # second process a partition of padding alone. Only the values this partition really holds.
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group=getattr(parameter, "ds_process_group", None)) if dist.is_initialized() else 0
+    start = shard.numel() * rank
+    return shard.narrow(0, 0, max(0, min(shard.numel(), parameter.ds_numel - start)))

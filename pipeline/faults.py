@@ -44,6 +44,18 @@ def weights_are_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
+def finite_on_every_process(model: torch.nn.Module) -> bool:
+    """Whether every process holds finite weights (each checks the shard it holds); a collective: every process
+    calls it and all get the same answer, so that none raises while the others wait in the next collective."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    flag = torch.tensor(float(not weights_are_finite(model)), device=state.device)
+    if state.num_processes > 1:
+        torch.distributed.all_reduce(flag)
+    return flag.item() == 0
+
+
 def require_finite_gradient_norms(norms: dict[str, torch.Tensor | float], stage: str, step: int, setting: str) -> None:
     """Stop before the optimizer step when a gradient norm is NaN/inf: the step would write non-finite weights,
     which the next save would keep. `step` is the step being taken (1-based, as checkpoints are numbered);

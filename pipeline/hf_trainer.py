@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from transformers import Trainer, TrainerCallback
 
 from pipeline.checkpoints import MetricsLog, checkpoint_step, mark_checkpoint_complete, prune_checkpoints, write_manifest
-from pipeline.faults import poison_weights_if_requested, weights_are_finite
-from pipeline.config import TRAINER_EXTRAS, PipelineConfig, trainer_arguments_class
+from pipeline.engines import engine_of
+from pipeline.engine_launch import EngineRecord, engine_accelerator, require_launched_engine, trainer_engine_arguments
+from pipeline.faults import finite_on_every_process, poison_weights_if_requested
+from pipeline.config import TRAINER_EXTRAS, ConfigError, PipelineConfig, trainer_arguments_class
 from pipeline.stage import StageStart, bf16_enabled
 
 # Timing figures differ between two runs of the same config; metrics.jsonl keeps only what training computed.
@@ -26,8 +29,18 @@ def is_main_process() -> bool:
     return PartialState().is_local_main_process
 
 
-def trainer_arguments(config: PipelineConfig, stage: str, stage_dir: Path, has_eval: bool, **fixed: Any):
-    """SFTConfig / RewardConfig from the stage's section: the user's fields plus what the run directory decides."""
+def trainer_stage_accelerator(config: PipelineConfig, stage: str) -> tuple[Accelerator, EngineRecord]:
+    """The Accelerator of the launched engine, built before the Trainer so that the Trainer runs on its state
+    (`trainer_arguments`), and what it runs on; a ConfigError when that is not what the launch asked for."""
+    mixed_precision = "bf16" if bf16_enabled(getattr(config, stage).get("bf16")) else "no"
+    accelerator = engine_accelerator(mixed_precision)
+    return accelerator, require_launched_engine(accelerator, mixed_precision, stage)
+
+
+def trainer_arguments(config: PipelineConfig, stage: str, stage_dir: Path, has_eval: bool, accelerator: Accelerator,
+                      **fixed: Any):
+    """SFTConfig / RewardConfig from the stage's section: the user's fields plus what the run directory and the
+    stage's Accelerator (its engine, trainer_stage_accelerator) decide."""
     section = {k: v for k, v in getattr(config, stage).items() if k not in TRAINER_EXTRAS[stage]}
     section.setdefault("logging_steps", 10)
     arguments = {
@@ -37,9 +50,16 @@ def trainer_arguments(config: PipelineConfig, stage: str, stage_dir: Path, has_e
         "eval_strategy": section.get("eval_strategy", "steps") if has_eval else "no",
         "bf16": bf16_enabled(section.get("bf16")),
         "dataloader_num_workers": 0, "dataloader_pin_memory": torch.cuda.is_available(),
-        "disable_tqdm": not is_main_process(), **fixed,
+        "disable_tqdm": not is_main_process(), **trainer_engine_arguments(accelerator), **fixed,
     }
-    return trainer_arguments_class(stage)(**arguments)
+    arguments = trainer_arguments_class(stage)(**arguments)
+    if engine_of(accelerator).deepspeed:
+        # TrainingArguments builds a DeepSpeed plugin of its own from the launcher's environment, which a Trainer
+        # on the configured state must not pass on; the state's plugin is registered again as transformers'
+        # global DeepSpeed config (what makes from_pretrained build ZeRO-3 models partitioned).
+        arguments.deepspeed_plugin = None
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+    return arguments
 
 
 class PipelineCallback(TrainerCallback):
@@ -52,7 +72,8 @@ class PipelineCallback(TrainerCallback):
         poison_weights_if_requested(self.stage_dir.name, state.global_step, model)
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if model is not None and not weights_are_finite(model):  # the checkpoint stays unmarked: never resumed from
+        # Every process checks its shard and all agree, so all stop together. The checkpoint stays unmarked.
+        if model is not None and not finite_on_every_process(model):
             raise FloatingPointError(f"{self.stage_dir.name}: weights became NaN/inf before step {state.global_step}; "
                                      f"the last good checkpoint is kept (lower the learning rate and resume)")
         if state.is_world_process_zero:
@@ -71,13 +92,17 @@ class PipelineCallback(TrainerCallback):
 
 
 def train_with_resume(trainer: Trainer, start: StageStart, config: PipelineConfig, stage: str,
-                      input_checkpoint: str) -> float:
+                      input_checkpoint: str, engine: EngineRecord) -> float:
     """Train from the newest complete checkpoint if there is one; return the wall time of this run."""
     resume = str(start.resume_from) if start.resume_from is not None else None
+    trainer_engine = engine_of(trainer.accelerator).name, trainer.accelerator.num_processes
+    if trainer_engine != (engine.engine, engine.processes):
+        raise ConfigError(f"{stage}: the Trainer runs {trainer_engine[0]} on {trainer_engine[1]} process(es), not the "
+                          f"launched {engine.describe()}; nothing was trained")
     if trainer.is_world_process_zero():
         start.stage_dir.mkdir(parents=True, exist_ok=True)
         write_manifest(start.stage_dir, stage=stage, status="running", input_checkpoint=input_checkpoint,
-                       max_steps=trainer.args.max_steps, **start.identity)
+                       max_steps=trainer.args.max_steps, engine=engine.as_manifest(), **start.identity)
     if resume:
         print(f"[{stage}] resuming from {resume} (step {checkpoint_step(start.resume_from)})", flush=True)
     began = time.time()

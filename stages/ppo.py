@@ -41,10 +41,10 @@ from pipeline.batches import epoch_order, left_pad
 from pipeline.checkpoints import policy_snapshot_dir
 from pipeline.config import ConfigError, PipelineConfig, PPOSection
 from pipeline.custom_loop import CustomLoop
-from pipeline.engines import (
-    PolicyAndValue, accumulation_boundary, backward, clipped_gradient_norm, engine_of, save_final_model)
+from pipeline.engines import PolicyAndValue, accumulation_boundary, backward, clipped_gradient_norm, engine_of
 from pipeline.faults import (
     poison_gradients_if_requested, poison_weights_if_requested, require_finite_gradient_norms, require_finite_weights)
+from pipeline.final_save import save_final_model
 from pipeline.models import count_parameters
 from pipeline.policy_gradient import (
     clipped_policy_loss, clipped_value_loss, kl_controller_from_config, logprobs_of_tokens, minibatch_statistics)
@@ -213,6 +213,9 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
     model, optimizer, reference, reward_scorer = prepare_ppo_models(policy, reference, critic, reward_model, settings,
                                                                     accelerator)
     kl_controller = kl_controller_from_config(settings.kl_coef, settings.target_kl, settings.kl_horizon)
+    # Seeded again after the models are built: ZeRO-3 builds them partitioned and draws a different number of
+    # random numbers doing so, and sampling must draw alike on every engine (a resumed run loads its RNG state).
+    seed_everything(config.run.seed + accelerator.process_index)
 
     step, state = loop.resume()
     if state:
@@ -264,16 +267,14 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
                              **({"gold": f"{metrics['objective/gold_score']:.2f}"} if builtin else {}))
         progress.update(1)
         if settings.policy_snapshot_steps and step % settings.policy_snapshot_steps == 0 and step < settings.max_steps:
-            save_policy_snapshot(accelerator, model, tokenizer, policy_snapshot_dir(loop.stage_dir, step), step,
-                                 config.model.trust_remote_code)
+            save_policy_snapshot(accelerator, model, tokenizer, policy_snapshot_dir(loop.stage_dir, step), step)
         if loop.checkpoint_due(step):
             require_finite_weights({"policy and critic": model}, STAGE, step, accelerator)
             loop.save_checkpoint(step, {"kl_controller": kl_controller.state_dict()})
     progress.close()
 
     require_finite_weights({"policy": accelerator.unwrap_model(model).policy}, STAGE, step, accelerator)
-    save_final_model(accelerator, model, tokenizer, loop.final_dir, part="policy",
-                     trust_remote_code=config.model.trust_remote_code)
+    save_final_model(accelerator, model, tokenizer, loop.final_dir, part="policy")
     history = metrics_log.read()
     last = history[-1] if history else {}
     return loop.finish(step, seconds_per_step=round((time.time() - loop.started) / max(step - loop.first_step, 1), 3),
@@ -281,8 +282,8 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
                                                           "val/response_length", "val/eos_share")})
 
 
-def save_policy_snapshot(accelerator: Accelerator, model: PolicyAndValue, tokenizer, directory: Path, step: int,
-                         trust_remote_code: bool = False) -> None:
+def save_policy_snapshot(accelerator: Accelerator, model: PolicyAndValue, tokenizer, directory: Path,
+                         step: int) -> None:
     """Every process calls it: the policy alone, gathered and written as the final one is, for `rlhf compare`'s
     over-optimisation curve. Taken before the step's checkpoint, so a run resumed before that checkpoint finds it
     written (by the same identity: pipeline/stage.py) and keeps it."""
@@ -293,7 +294,7 @@ def save_policy_snapshot(accelerator: Accelerator, model: PolicyAndValue, tokeni
     # Sharded engines gather into a freshly initialised CPU copy, which draws from the CPU RNG: a resumed run that
     # skips the snapshot must go on sampling as the uninterrupted one did.
     with torch.random.fork_rng(devices=[]):
-        save_final_model(accelerator, model, tokenizer, directory, part="policy", trust_remote_code=trust_remote_code)
+        save_final_model(accelerator, model, tokenizer, directory, part="policy")
 
 
 def check_health(metrics: dict[str, float], step: int, best_eos_share: float, accelerator: Accelerator) -> None:

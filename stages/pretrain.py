@@ -25,11 +25,10 @@ from pipeline.batches import epoch_order
 from pipeline.checkpoints import atomic_directory
 from pipeline.config import ConfigError, PipelineConfig, PretrainSection
 from pipeline.custom_loop import CustomLoop
-from pipeline.engines import (
-    accumulation_boundary, backward, clipped_gradient_norm, configure_deepspeed, engine_of, full_state_dict,
-    model_holding, save_final_model)
+from pipeline.engines import accumulation_boundary, backward, clipped_gradient_norm, configure_deepspeed, engine_of
 from pipeline.faults import (
     poison_gradients_if_requested, poison_weights_if_requested, require_finite_gradient_norms, require_finite_weights)
+from pipeline.final_save import full_state_dict, model_holding, save_final_model
 from pipeline.models import (
     attention_for_precision, build_llama_from_config, count_parameters, load_causal_lm, save_hf_model)
 from pipeline.stage import run_stage_main, seed_everything
@@ -212,13 +211,13 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
             # Gathered on every process (ZeRO-3 and FSDP2 hold shards), written by the main one.
             weights = full_state_dict(accelerator, model)
             loop.save_checkpoint(step, write_extra=lambda staging: save_hf_model(
-                model_holding(weights, accelerator.unwrap_model(model), accelerator, config.model.trust_remote_code),
+                model_holding(weights, accelerator.unwrap_model(model), accelerator),
                 tokenizer, staging / "model"))
             del weights
     progress.close()
 
     require_finite_weights({"model": model}, STAGE, step, accelerator)
-    save_final_model(accelerator, model, tokenizer, loop.final_dir, trust_remote_code=config.model.trust_remote_code)
+    save_final_model(accelerator, model, tokenizer, loop.final_dir)
     history = metrics_log.read()
     evals = [m for m in history if "eval_loss" in m]
     return loop.finish(step, metrics={"train_loss": history[-1]["loss"] if history else None,

@@ -54,9 +54,11 @@ from data.formats import (
 from data.gold_judge import gold_score
 from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer
-from pipeline.checkpoints import atomic_directory, write_manifest
+from pipeline.checkpoints import write_manifest
 from pipeline.config import PipelineConfig
-from pipeline.hf_trainer import PipelineCallback, metrics_log_for, train_with_resume, trainer_arguments
+from pipeline.final_save import save_final_model, zero3_init_lifted
+from pipeline.hf_trainer import (
+    PipelineCallback, metrics_log_for, train_with_resume, trainer_arguments, trainer_stage_accelerator)
 from pipeline.models import attention_for_precision, load_causal_lm
 from pipeline.rollout import reward_scores, sample_token_ids, sampling_config
 from pipeline.stage import plan_stage_start, run_stage_main, seed_everything, stage_input_model
@@ -215,6 +217,7 @@ def normalization_from_policy_samples(config: PipelineConfig, policy_path: str, 
 # ---------------------------------------------------------------- the stage
 def run_reward(config: PipelineConfig, restart: bool = False) -> Path:
     """Train the reward model; return the directory of the final checkpoint."""
+    accelerator, engine = trainer_stage_accelerator(config, STAGE)  # before anything is written
     state = PartialState()
     start = plan_stage_start(config, STAGE, restart, state.is_main_process)
     if start.already_finished:
@@ -236,7 +239,8 @@ def run_reward(config: PipelineConfig, restart: bool = False) -> Path:
         from peft import LoraConfig
 
         peft_config = LoraConfig(**section["peft"], task_type="SEQ_CLS")  # SEQ_CLS also trains the new head
-    arguments = trainer_arguments(config, STAGE, start.stage_dir, has_eval=bool(evaluation), remove_unused_columns=False)
+    arguments = trainer_arguments(config, STAGE, start.stage_dir, has_eval=bool(evaluation), accelerator=accelerator,
+                                  remove_unused_columns=False)
     attention_for_precision(model, arguments.bf16, arguments.device)
     metrics_log = metrics_log_for(start, state.is_main_process)
     trainer = PromptGroupedRewardTrainer(
@@ -244,26 +248,20 @@ def run_reward(config: PipelineConfig, restart: bool = False) -> Path:
         eval_dataset=Dataset.from_list(evaluation) if evaluation else None, processing_class=tokenizer,
         data_collator=PromptGroupCollator(tokenizer.pad_token_id), peft_config=peft_config,
         callbacks=[PipelineCallback(start.stage_dir, config.run.keep_last_checkpoints, metrics_log)])
-    wall_time = train_with_resume(trainer, start, config, STAGE, input_model)
+    wall_time = train_with_resume(trainer, start, config, STAGE, input_model, engine)
 
     final_dir = start.stage_dir / "final"
-    adapter = peft_config is not None
-    # Every process takes part: under FSDP or ZeRO-3 this gathers the shards (LoRA runs are merged on one process).
-    state_dict = None if adapter else trainer.accelerator.get_state_dict(trainer.model)
+    # The DeepSpeed engine (model_wrapped) is what gathers ZeRO-3's partitions; a LoRA adapter is merged.
+    save_final_model(trainer.accelerator, trainer.model_wrapped, tokenizer, final_dir)
     if trainer.is_world_process_zero():
-        trained = trainer.accelerator.unwrap_model(trainer.model)
-        with atomic_directory(final_dir) as staging:
-            if adapter:
-                trained.merge_and_unload().save_pretrained(staging)
-            else:
-                trained.save_pretrained(staging, state_dict=state_dict)
-            tokenizer.save_pretrained(staging)
-            # Measured on the saved weights, as loaded by PPO and the report.
-            saved, _ = load_reward_model(staging, config.model.trust_remote_code)
+        # Measured on the saved weights, as loaded by PPO and the report, by this process alone: under ZeRO-3
+        # transformers would build the models partitioned, a collective the other processes are not in.
+        with zero3_init_lifted():
+            saved, _ = load_reward_model(str(final_dir), config.model.trust_remote_code)
             metrics = held_out_accuracy(saved, tokenizer, eval_pairs, builtin=config.data.reward is None)
             normalization = normalization_from_policy_samples(config, input_model, saved, tokenizer,
                                                               normalization_prompts(config, eval_pairs))
-            normalization.save(staging)
+        normalization.save(final_dir)
         write_manifest(start.stage_dir, status="finished", steps=trainer.state.global_step,
                        wall_time_s=round(wall_time, 1), train_pairs=len(train_pairs), train_prompts=len(train),
                        metrics=metrics, normalization={"mean": normalization.mean, "std": normalization.std})

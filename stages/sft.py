@@ -39,10 +39,13 @@ from data.builtin_datasets import write_builtin_task
 from data.formats import converted_splits, dialogues_from_rows
 from data.loading import read_rows
 from data.tokenizer import load_tokenizer
-from pipeline.checkpoints import MetricsLog, atomic_directory, write_manifest
+from pipeline.checkpoints import MetricsLog, write_manifest
 from pipeline.config import ConfigError, PipelineConfig
-from pipeline.hf_trainer import PipelineCallback, metrics_log_for, train_with_resume, trainer_arguments
-from pipeline.models import attention_for_precision, count_parameters, load_causal_lm, save_hf_model
+from pipeline.engines import engine_of
+from pipeline.final_save import save_final_model
+from pipeline.hf_trainer import (
+    PipelineCallback, metrics_log_for, train_with_resume, trainer_arguments, trainer_stage_accelerator)
+from pipeline.models import attention_for_precision, count_parameters, load_causal_lm
 from pipeline.rollout import generate_with_config, sampling_config
 from pipeline.stage import plan_stage_start, run_stage_main, seed_everything, stage_input_model
 
@@ -80,14 +83,15 @@ def training_dataset(dialogues: list[dict], tokenizer, assistant_only_loss: bool
 class SampleAnswers(TrainerCallback):
     """Greedy answers to a few held-out prompts at each evaluation: progress a person can read."""
 
-    def __init__(self, tokenizer, prompts: list[list[dict]], metrics_log: MetricsLog):
+    def __init__(self, tokenizer, prompts: list[list[dict]], metrics_log: MetricsLog, sharded: bool):
         self.tokenizer, self.prompts, self.metrics_log = tokenizer, prompts, metrics_log
+        # Under FSDP2 or ZeRO-3 the model holds only this process's shard, and decoding on it alone would wait
+        # for the other processes in a collective per token: no samples there.
+        self.sharded = sharded
 
     @torch.no_grad()
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        # Under FSDP or ZeRO-3 the unwrapped model holds only this process's shard: no samples there.
-        sharded = bool(args.fsdp) or (args.deepspeed is not None and args.hf_deepspeed_config.is_zero3())
-        if not state.is_world_process_zero or not self.prompts or model is None or sharded:
+        if not state.is_world_process_zero or not self.prompts or model is None or self.sharded:
             return
         was_training = model.training
         model.eval()
@@ -108,6 +112,7 @@ class SampleAnswers(TrainerCallback):
 # ---------------------------------------------------------------- the stage
 def run_sft(config: PipelineConfig, restart: bool = False) -> Path:
     """Fine-tune the input model on dialogues; return the directory of the final model."""
+    accelerator, engine = trainer_stage_accelerator(config, STAGE)  # before anything is written
     state = PartialState()
     start = plan_stage_start(config, STAGE, restart, state.is_main_process)
     if start.already_finished:
@@ -133,7 +138,8 @@ def run_sft(config: PipelineConfig, restart: bool = False) -> Path:
         peft_config = LoraConfig(**section["peft"], task_type="CAUSAL_LM")
     # The masks are in the data already: TRL's own assistant_only_loss would re-template, and refuse templates
     # without {% generation %} markers.
-    arguments = trainer_arguments(config, STAGE, start.stage_dir, has_eval=bool(evaluation), assistant_only_loss=False)
+    arguments = trainer_arguments(config, STAGE, start.stage_dir, has_eval=bool(evaluation), accelerator=accelerator,
+                                  assistant_only_loss=False)
     attention_for_precision(model, arguments.bf16, arguments.device)
     metrics_log = metrics_log_for(start, state.is_main_process)
     sample_prompts = [dialogue["messages"][:-1] for dialogue in evaluation[: section["sample_prompts"]]]
@@ -142,26 +148,18 @@ def run_sft(config: PipelineConfig, restart: bool = False) -> Path:
         eval_dataset=eval_dataset if evaluation else None, processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[PipelineCallback(start.stage_dir, config.run.keep_last_checkpoints, metrics_log),
-                   SampleAnswers(tokenizer, sample_prompts, metrics_log)])
-    wall_time = train_with_resume(trainer, start, config, STAGE, input_model)
+                   SampleAnswers(tokenizer, sample_prompts, metrics_log, engine_of(accelerator).shards_weights)])
+    wall_time = train_with_resume(trainer, start, config, STAGE, input_model, engine)
 
     final_dir = start.stage_dir / "final"
-    adapter = peft_config is not None
-    # Every process takes part: under FSDP or ZeRO-3 this gathers the shards (LoRA runs are merged on one process).
-    state_dict = None if adapter else trainer.accelerator.get_state_dict(trainer.model)
+    # The DeepSpeed engine (model_wrapped) is what gathers ZeRO-3's partitions.
+    save_final_model(trainer.accelerator, trainer.model_wrapped, tokenizer, final_dir,
+                     adapter_only=peft_config is not None and section["save_adapter_only"])
     if trainer.is_world_process_zero():
         trained = trainer.accelerator.unwrap_model(trainer.model)
         sizes = {"parameters": count_parameters(trained),
-                 "trainable_parameters": sum(p.numel() for p in trained.parameters() if p.requires_grad)}
-        with atomic_directory(final_dir) as staging:
-            if adapter and section["save_adapter_only"]:
-                trained.save_pretrained(staging)  # adapter_config.json names the input model as the base
-                tokenizer.save_pretrained(staging)
-            elif adapter:
-                save_hf_model(trained, tokenizer, staging, merge_adapter=True)
-            else:
-                trained.save_pretrained(staging, state_dict=state_dict)
-                tokenizer.save_pretrained(staging)
+                 "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trained.parameters()
+                                             if p.requires_grad)}
         history = metrics_log.read()
         losses = [m["loss"] for m in history if "loss" in m]
         evals = [m["eval_loss"] for m in history if "eval_loss" in m]
