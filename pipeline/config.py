@@ -162,6 +162,9 @@ class PPOSection:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_rewards: bool = False
+    # The advantages' (and whitened rewards') mean and variance over every process's rollouts, as OpenRLHF and verl
+    # whiten, or over each process's own, as TRL's PPOTrainer did; the same on one process.
+    advantage_whitening: Literal["global", "per_process"] = "global"
     critic_init: Literal["reward", "policy"] = "reward"  # the value model's starting weights
     normalize_reward: bool = True  # use the mean/std the reward stage stored with its checkpoint
     peft: PeftSection | None = None  # LoRA policy; the reference is the same model with the adapter off
@@ -170,7 +173,7 @@ class PPOSection:
     save_steps: int = 20
     sample_steps: int = 20  # a table of sample completions every N steps
     # Write the policy alone (HF format) as ppo/policy-step-<N>/ every N steps, before the final step, for `rlhf
-    # compare`'s over-optimisation curve; never pruned. None: no snapshots. Not with `peft` (see validation).
+    # compare`'s over-optimisation curve; never pruned. None: no snapshots.
     policy_snapshot_steps: int | None = None
     report_to: str = "auto"
 

@@ -113,10 +113,6 @@ def validate_ppo(ppo: PPOSection, model: ModelSection) -> None:
     if ppo.policy_snapshot_steps is not None:
         require(ppo.policy_snapshot_steps >= 1,
                 f"ppo.policy_snapshot_steps: must be at least 1 (or null for none), got {ppo.policy_snapshot_steps}")
-        # The final save folds a LoRA adapter into the policy in place (pipeline/engines.py save_final_model): done
-        # mid-run, PPO would train on without its adapter.
-        require(ppo.peft is None, "ppo.policy_snapshot_steps: not available with ppo.peft yet (saving merges the "
-                                  "LoRA adapter into the training policy); remove one of them")
     if model.name_or_path is None:
         require(ppo.response_length < model.max_position_embeddings,
                 f"ppo.response_length: {ppo.response_length} leaves no room for a prompt in "

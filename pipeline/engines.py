@@ -153,24 +153,68 @@ def gathered_if_partitioned(parameters: list[torch.nn.Parameter]) -> Iterator[No
 # ---------------------------------------------------------------- generation
 @contextlib.contextmanager
 def policy_for_generation(model: torch.nn.Module, accelerator: Accelerator) -> Iterator[torch.nn.Module]:
-    """The policy of a prepared PolicyAndValue with whole weights, for as long as the block decodes: ZeRO-3
-    gathers in TRL's unwrap_model_for_generation, FSDP2 in `fsdp2_unsharded`; elsewhere the weights are whole."""
-    from trl.models.utils import unwrap_model_for_generation
+    """The policy of a prepared PolicyAndValue with whole weights, for as long as the block decodes. ZeRO-3 gathers
+    the policy's parameters only (the critic does not decode; gathering it too would double what generation holds)
+    and lifts DeepSpeed's fetch hooks meanwhile, as TRL's unwrap_model_for_generation does for a whole model; FSDP2
+    unshards the root and the policy's units (`fsdp2_unsharded`); elsewhere the weights are whole."""
+    unwrapped = accelerator.unwrap_model(model)
+    engine = engine_of(accelerator)
+    checkpointing = unwrapped.is_gradient_checkpointing
+    if checkpointing:
+        unwrapped.gradient_checkpointing_disable()
+    try:
+        if engine.zero_stage == 3:
+            import deepspeed
+            from trl.models.utils import add_hooks, remove_hooks
 
-    with unwrap_model_for_generation(model, accelerator) as unwrapped:
-        with fsdp2_unsharded(unwrapped) if engine_of(accelerator).fsdp2 else contextlib.nullcontext():
+            with deepspeed.zero.GatheredParameters(list(unwrapped.policy.parameters())):
+                remove_hooks(model)
+                try:
+                    yield unwrapped.policy
+                finally:
+                    add_hooks(model)
+        elif engine.fsdp2:
+            with fsdp2_unsharded(unwrapped, within=unwrapped.policy):
+                yield unwrapped.policy
+        else:
             yield unwrapped.policy
+    finally:
+        if checkpointing:
+            unwrapped.gradient_checkpointing_enable()
+
+
+# FSDP2's generation keeps units unsharded across forwards through torch internals with no public equivalent in
+# torch 2.6-2.14 (pyproject pins torch to those): checked before training, so that a torch that renamed them fails
+# with one line instead of a deadlock or an AttributeError at the first rollout.
+FSDP2_INTERNALS = ("FSDPModule._get_fsdp_state", "FSDPState._lazy_init", "FSDPState._fsdp_param_groups",
+                   "FSDPParamGroup.post_forward_mesh_info")
+
+
+def require_fsdp2_internals() -> None:
+    """ConfigError unless this torch has the FSDP2 internals `fsdp2_unsharded` uses."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    present = (hasattr(FSDPModule, "_get_fsdp_state") and hasattr(FSDPState, "_lazy_init")
+               and "_fsdp_param_groups" in FSDPState.__init__.__code__.co_names
+               and "post_forward_mesh_info" in FSDPParamGroup.__init__.__code__.co_names)
+    if not present:
+        raise ConfigError(f"run.accelerate_config: FSDP2 generation needs torch internals ({', '.join(FSDP2_INTERNALS)}) "
+                          f"that torch {torch.__version__} lacks; install a torch from 2.6 to 2.14.1 or use DeepSpeed")
 
 
 @contextlib.contextmanager
-def fsdp2_unsharded(root: torch.nn.Module) -> Iterator[None]:
-    """Every FSDP2 unit under `root` all-gathered on entry and kept whole across forwards until exit, so that
-    forwards through any submodule meanwhile are local (no collective per decoding step) and may differ in number
-    between ranks. Every process must enter and leave together (the gather and the reshard are per process, the
-    gather collective)."""
+def fsdp2_unsharded(root: torch.nn.Module, within: torch.nn.Module | None = None) -> Iterator[None]:
+    """The FSDP2 root and every FSDP2 unit inside `within` (default: all under `root`) all-gathered on entry and kept
+    whole across forwards until exit, so that forwards through them meanwhile are local (no collective per decoding
+    step) and may differ in number between ranks. Every process must enter and leave together (the gather and the
+    reshard are per process, the gather collective)."""
     from torch.distributed.fsdp import FSDPModule
 
-    units = [module for module in root.modules() if isinstance(module, FSDPModule)]
+    inside = {id(module) for module in (within or root).modules()}
+    units = [module for module in root.modules()
+             if isinstance(module, FSDPModule) and (module is root or id(module) in inside)]
     if not units:
         yield
         return

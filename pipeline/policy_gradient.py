@@ -7,6 +7,8 @@ and its adaptive coefficient), Huang et al. 2024 "The N+ Implementation Details 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -51,15 +53,24 @@ def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return variance
 
 
-def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True,
+                  sum_over_processes: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Normalise to unit variance (and zero mean) over valid tokens; padding comes back as 0.
-    With one valid token or none the variance is undefined: values come back unchanged (N+ details, §whitening)."""
+    With one valid token or none the variance is undefined: values come back unchanged (N+ details, §whitening).
+    `sum_over_processes` (an all-reduce sum) takes the mean and variance over the valid tokens of every process."""
     mask = mask.bool()
-    mean, variance = masked_mean(values, mask), masked_var(values, mask)
+    if sum_over_processes is None:
+        mean, variance, count = masked_mean(values, mask), masked_var(values, mask), mask.sum()
+    else:
+        # Two passes, as masked_var: the centred sum of squares is exact where E[x²] − E[x]² would cancel.
+        total, count = sum_over_processes(torch.stack([masked_sum(values, mask), mask.sum().to(values.dtype)]))
+        mean = total / count.clamp(min=1)
+        squares = sum_over_processes(masked_sum((values - mean) ** 2, mask))
+        variance = torch.where(count > 1, squares / (count - 1).clamp(min=1), squares / count.clamp(min=1))
     whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
-    whitened = torch.where(mask.sum() > 1, whitened, values)
+    whitened = torch.where(count > 1, whitened, values)
     return torch.where(mask, whitened, torch.zeros_like(values))
 
 

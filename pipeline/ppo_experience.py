@@ -6,6 +6,7 @@ pipeline/ppo_models.py, the math in pipeline/policy_gradient.py, the sampling lo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from accelerate import Accelerator
@@ -76,11 +77,14 @@ def score_rollout(rollout: Rollout, model: PolicyAndValue, reference, reward_sco
         scores[~rollout.contains_eos] -= settings.missing_eos_penalty
     kl = kl_per_token(logprobs, ref_logprobs, settings.kl_estimator)
     rewards, non_score_rewards = per_token_rewards(scores, kl, mask, rollout.last_index, kl_value)
+    # One all-reduce sum over every process's rollouts, or none: ppo.advantage_whitening.
+    over_processes = (partial(accelerator.reduce, reduction="sum")
+                      if settings.advantage_whitening == "global" and accelerator.num_processes > 1 else None)
     if settings.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
+        rewards = masked_whiten(rewards, mask, shift_mean=False, sum_over_processes=over_processes)
     values = forwards.values.masked_fill(~mask, 0.0)
     advantages, returns = gae_advantages(rewards, values, mask, settings.gamma, settings.lam)
-    advantages = masked_whiten(advantages, mask)
+    advantages = masked_whiten(advantages, mask, sum_over_processes=over_processes)
 
     k1 = (logprobs - ref_logprobs).masked_fill(~mask, 0.0).sum(1)
     k3 = kl_per_token(logprobs, ref_logprobs, "k3").masked_fill(~mask, 0.0).sum(1)

@@ -41,7 +41,8 @@ from pipeline.batches import epoch_order, left_pad
 from pipeline.checkpoints import policy_snapshot_dir
 from pipeline.config import ConfigError, PipelineConfig, PPOSection
 from pipeline.custom_loop import CustomLoop
-from pipeline.engines import PolicyAndValue, accumulation_boundary, backward, clipped_gradient_norm, engine_of
+from pipeline.engines import (
+    PolicyAndValue, accumulation_boundary, backward, clipped_gradient_norm, engine_of, require_fsdp2_internals)
 from pipeline.faults import (
     poison_gradients_if_requested, poison_weights_if_requested, require_finite_gradient_norms, require_finite_weights)
 from pipeline.final_save import save_final_model
@@ -189,6 +190,8 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
     accelerator = loop.accelerator
     if loop.already_finished:
         return loop.final_dir
+    if engine_of(accelerator).fsdp2:
+        require_fsdp2_internals()  # generation's, checked before anything trains
     policy_path = stage_input_model(config, STAGE)
     reward_path = config.run_dir / "reward" / "final"
     if not reward_path.is_dir():

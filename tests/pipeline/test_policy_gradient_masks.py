@@ -3,6 +3,7 @@ first EOS, means, variances, sums, token shares and whitening that padding never
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -86,3 +87,45 @@ def test_whitening_one_valid_token_or_none_returns_values_unchanged():
     assert masked_whiten(values, one).tolist() == [[0.0, 7.5, 0.0], [0.0, 0.0, 0.0]]
     assert masked_whiten(values, one, shift_mean=False).tolist() == [[0.0, 7.5, 0.0], [0.0, 0.0, 0.0]]
     assert masked_whiten(values, torch.zeros_like(one)).eq(0).all()
+
+
+def whiten_on_two_processes(halves, masks, **kwargs):
+    """masked_whiten run by two threads as two processes would run it, `sum_over_processes` an all-reduce sum
+    through a barrier."""
+    import threading
+
+    barrier, posted, results = threading.Barrier(2), [None, None], [None, None]
+
+    def all_reduce_sum(rank):
+        def reduce(tensor):
+            posted[rank] = tensor
+            barrier.wait()
+            total = posted[0] + posted[1]
+            barrier.wait()  # both read before either posts its next tensor
+            return total
+        return reduce
+
+    def run(rank):
+        results[rank] = masked_whiten(halves[rank], masks[rank], sum_over_processes=all_reduce_sum(rank), **kwargs)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_whitening_over_all_processes_equals_whitening_their_batches_joined(shift_mean):
+    """ppo.advantage_whitening=global: each process's tokens whitened with the mean and variance of every process's
+    valid tokens, exactly what one process holding both batches computes (padding still ignored, even NaN)."""
+    torch.manual_seed(0)
+    values = torch.randn(6, 5) * 3 + 1
+    mask = torch.rand(6, 5) > 0.3
+    values[~mask] = float("nan")
+    joined = masked_whiten(values, mask, shift_mean=shift_mean)
+    first, second = whiten_on_two_processes((values[:2], values[2:]), (mask[:2], mask[2:]), shift_mean=shift_mean)
+    torch.testing.assert_close(torch.cat([first, second]), joined)
+    per_process = masked_whiten(values[:2], mask[:2], shift_mean=shift_mean)
+    assert not torch.allclose(per_process, first)  # the rows of one process alone have other moments
