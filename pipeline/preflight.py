@@ -98,8 +98,41 @@ def check_output_directory(config: PipelineConfig) -> None:
         raise ConfigError(f"run.output_dir: cannot write in {existing} ({os.strerror(error.errno or 0)})") from None
 
 
+def check_accelerate_config(config: PipelineConfig) -> None:
+    """The engine run.accelerate_config names can run here: DeepSpeed installed, ZeRO-3 able to gather final
+    weights, FSDP at version 2. (Each stage checks again that Accelerate really gave it that engine.)"""
+    import importlib.util
+
+    import yaml
+
+    path = config.run.accelerate_config
+    if path is None:
+        return
+    key = "run.accelerate_config"
+    try:
+        settings = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"{key}: cannot read {path} ({str(error).splitlines()[0]})") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{key}: {path} is not an Accelerate config (a YAML mapping)")
+    kind = str(settings.get("distributed_type", "NO")).upper()
+    if kind == "DEEPSPEED":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(f"{key}: {path} asks for DeepSpeed, which is not installed; install it with "
+                              f"pip install -e \".[deepspeed]\" (g++ compiles its first op on the first run)")
+        deepspeed = settings.get("deepspeed_config") or {}
+        if (int(deepspeed.get("zero_stage", 2)) == 3 and not deepspeed.get("deepspeed_config_file")
+                and not deepspeed.get("zero3_save_16bit_model", False)):
+            raise ConfigError(f"{key}: {path} runs ZeRO-3 without deepspeed_config.zero3_save_16bit_model: true, "
+                              f"so the final weights could not be gathered; set it to true")
+    if kind == "FSDP" and int((settings.get("fsdp_config") or {}).get("fsdp_version", 1)) != 2:
+        raise ConfigError(f"{key}: {path} asks for FSDP version 1, which the stages do not support; set "
+                          f"fsdp_config.fsdp_version: 2")
+
+
 def preflight(config: PipelineConfig) -> None:
     """Raise ConfigError or DataError (one line, naming the key or row) if the run cannot work."""
     check_output_directory(config)
+    check_accelerate_config(config)
     check_inputs(config)
     check_datasets(config)
