@@ -201,7 +201,8 @@ def compare_run(run_dir: Path, prompts: int | None = None, samples_per_prompt: i
     comparison = Comparison(texts, samples, settings={
         "samples_per_prompt": samples_per_prompt, "temperature": temperature, "max_new_tokens": max_new_tokens,
         "seed": seed, "builtin_task": builtin, "policies": {k: str(v) for k, v in policies.items()},
-        "checkpoints": {k: v for k, v in checkpoints.items() if k in policies or k == "reward"}})
+        "checkpoints": {k: v for k, v in checkpoints.items() if k in policies or k == "reward"},
+        "engines": stage_engines(run_dir)})
     for name in models:
         comparison.means[name] = policy_means(samples, name, builtin)
     for metric in metrics:
@@ -346,6 +347,14 @@ def over_optimisation_points(means: dict[str, dict[str, float]], snapshot_means:
     points += [point("best_of_n", row["kl_to_sft"], row, n=row["n"], pool_size=row["pool_size"])
                for row in sorted(best_of_n.values(), key=lambda row: row["n"])]
     return points
+
+
+def stage_engines(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """What each finished stage of the run trained on (engine, processes, mixed precision), from its manifest."""
+    from pipeline.config import STAGES
+
+    manifests = {stage: read_manifest(run_dir / stage) or {} for stage in STAGES}
+    return {stage: manifest["engine"] for stage, manifest in manifests.items() if manifest.get("engine")}
 
 
 def reward_model_figures(manifest: dict[str, Any] | None) -> dict[str, Any]:

@@ -194,7 +194,9 @@ def stage_status(run_dir: Path, stage: str) -> str:
         reason = stale_reason(run_dir, stage)
         if reason is not None:
             return f"stale       {reason}; `rlhf run` trains it again"
-        return f"done        {manifest.get('steps')} steps in {manifest.get('wall_time_s', 0):.0f}s"
+        engine = manifest.get("engine")
+        on = f" on {engine['engine']} × {engine['processes']}" if engine else ""
+        return f"done        {manifest.get('steps')} steps in {manifest.get('wall_time_s', 0):.0f}s{on}"
     latest = latest_checkpoint(stage_dir)
     if manifest or latest:
         total = (manifest or {}).get("max_steps", "?")

@@ -150,10 +150,19 @@ def family_rows(comparison) -> list[list[str]]:
 
 
 def provenance_rows(comparison) -> list[list[str]]:
-    """The exact checkpoints compared: role, path, and the SHA-256 of the directory's contents."""
+    """The exact checkpoints compared: role, path, the SHA-256 of the directory's contents, the engine it trained on."""
     checkpoints = comparison.settings.get("checkpoints") or {}
-    return [["checkpoint", "path", "sha256"]] + [[name, str(c["path"]), str(c.get("digest") or "not hashed (hub id)")]
-                                                 for name, c in checkpoints.items()]
+    engines = comparison.settings.get("engines") or {}
+    return [["checkpoint", "path", "sha256", "trained on"]] + [
+        [name, str(c["path"]), str(c.get("digest") or "not hashed (hub id)"), engine_label(engines.get(name))]
+        for name, c in checkpoints.items()]
+
+
+def engine_label(engine: dict[str, Any] | None) -> str:
+    """"zero3 × 2 processes, mixed precision no"; "not recorded" for a stage trained before engines were recorded."""
+    if not engine:
+        return "not recorded"
+    return f"{engine['engine']} × {engine['processes']} process(es), mixed precision {engine['mixed_precision']}"
 
 
 def write_report(run_dir: Path, comparison) -> Path:
@@ -315,8 +324,8 @@ def render_markdown(comparison) -> str:
         lines += ["", "## By task family", ""] + markdown_table(family_rows(comparison))
     provenance = provenance_rows(comparison)
     if len(provenance) > 1:
-        lines += ["", "## Checkpoints compared", "", "| " + " | ".join(provenance[0]) + " |", "|---|---|---|"]
-        lines += [f"| {name} | `{path}` | `{digest}` |" for name, path, digest in provenance[1:]]
+        lines += ["", "## Checkpoints compared", "", "| " + " | ".join(provenance[0]) + " |", "|---|---|---|---|"]
+        lines += [f"| {name} | `{path}` | `{digest}` | {engine} |" for name, path, digest, engine in provenance[1:]]
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,7 @@ def test_status_of_stages(smoke_run, capsys):
     assert main(["status", str(smoke_run / "smoke")]) == 0
     lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
     assert lines["pretrain"].startswith("done") and lines["sft"] == "pending"
+    assert lines["pretrain"].endswith("on single × 1")  # the engine the stage recorded it trained on
     (smoke_run / "smoke" / "sft").mkdir()
     (smoke_run / "smoke" / "sft" / "manifest.json").write_text(json.dumps({"status": "running", "max_steps": 40}))
     assert stage_status(smoke_run / "smoke", "sft") == "in progress step 0 of 40 (newest complete checkpoint)"

@@ -198,6 +198,7 @@ def test_compare_with_best_of_n_and_snapshots_end_to_end(ppo_run_with_snapshots,
     data = json.loads((report / "report.json").read_text())
     assert data["best_of_n"]["4"]["per_prompt"]["gold"] == full.best_of_n["4"]["per_prompt"]["gold"]
     assert len(data["over_optimisation"]) == 6 and data["reward_model"]["eval_gold_accuracy"] == 0.8
+    assert data["settings"]["engines"]["ppo"] == {"engine": "single", "processes": 1, "mixed_precision": "no"}
     page = (report / "index.html").read_text()
     for section in ('id="best-of-n"', 'id="over-optimisation-chart"', 'id="reward-model"', 'id="by-family"'):
         assert section in page

@@ -182,3 +182,16 @@ def test_report_shows_best_of_n_curve_reward_model_and_losses(tmp_path):
     assert "## PPO vs best-of-N from the SFT policy" in summary and "## By task family" in summary
     assert "| best-of-4 | 4 (+4 RM scores) |" in summary and "Expected calibration error" in summary
     assert "gold_vs_best_of_4 win rate (gold judge: PPO vs best-of-4)" in summary
+
+
+def test_provenance_names_the_engine_each_checkpoint_trained_on():
+    from pipeline.report import provenance_rows
+
+    result = comparison()
+    result.settings["checkpoints"] = {"sft": {"path": "runs/x/sft/final", "digest": "ab"},
+                                      "ppo": {"path": "runs/x/ppo/final", "digest": "cd"}}
+    result.settings["engines"] = {"ppo": {"engine": "zero3", "processes": 2, "mixed_precision": "no"}}
+    rows = provenance_rows(result)
+    assert rows[0][-1] == "trained on"
+    assert rows[1][-1] == "not recorded"
+    assert rows[2][-1] == "zero3 × 2 process(es), mixed precision no"
