@@ -81,7 +81,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command_run(arguments: argparse.Namespace) -> int:
-    from pipeline.launch import LocalStageLauncher, StageFailed, run_directory_lock, run_stages, summary_table
+    from pipeline.launch import (
+        LocalStageLauncher, StageFailed, machine_rank, run_directory_lock, run_stages, summary_table)
 
     from pipeline.memory_plan import check_run_fits
     from pipeline.preflight import preflight
@@ -92,14 +93,15 @@ def command_run(arguments: argparse.Namespace) -> int:
     local_launcher = None if config.run.accelerate_config else LocalStageLauncher(config).start()
     preflight(config)  # bad rows, checkpoints and tokenizers fail here, before anything is written
     check_run_fits(config)  # a stage that cannot fit this machine's memory fails here, not at its first step
-    with run_directory_lock(config.run_dir):
+    machine = machine_rank(config)
+    with run_directory_lock(config.run_dir, machine):
         try:
             outcomes = run_stages(config, arguments.overrides, set(arguments.restart), local_launcher)
         except StageFailed as failure:
             print(f"\nerror: {failure}", file=sys.stderr)
             return failure.code if 0 < failure.code < 128 else 1
         print("\n" + summary_table(outcomes))
-        if not arguments.no_report and "ppo" in config.run.stages:
+        if not arguments.no_report and "ppo" in config.run.stages and machine == 0:
             from pipeline.compare import compare_run
 
             compare_run(config.run_dir)

@@ -31,6 +31,10 @@ class RunSection:
     seed: int = 42  # drives python, numpy, torch and data order in every stage
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     accelerate_config: str | None = None  # an Accelerate config file `rlhf run` launches every stage with
+    # Several machines (README "Several machines"): the same command on each, with its own machine_rank (default: the
+    # Accelerate config's) and the address of rank 0 (default: the config's main_process_ip).
+    machine_rank: int | None = None
+    main_process_ip: str | None = None
     keep_last_checkpoints: int = 2  # complete checkpoints kept per stage; older ones are deleted
     offline: bool = True  # set HF_HUB_OFFLINE so nothing is downloaded unless the config says otherwise
 

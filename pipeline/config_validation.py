@@ -36,6 +36,11 @@ def validate(config: PipelineConfig, known_stages: tuple[str, ...]) -> None:
     require(run.keep_last_checkpoints >= 1, "run.keep_last_checkpoints: must be at least 1")
     if run.accelerate_config is not None:
         require(Path(run.accelerate_config).is_file(), f"run.accelerate_config: file {run.accelerate_config} does not exist")
+    if run.machine_rank is not None:
+        require(run.machine_rank >= 0, f"run.machine_rank: must not be negative, got {run.machine_rank}")
+    for key in ("machine_rank", "main_process_ip"):
+        require(getattr(run, key) is None or run.accelerate_config is not None,
+                f"run.{key}: only with run.accelerate_config (a multi-machine Accelerate config)")
     positive = {
         "model.num_hidden_layers": model.num_hidden_layers, "model.hidden_size": model.hidden_size,
         "model.num_attention_heads": model.num_attention_heads, "model.intermediate_size": model.intermediate_size,

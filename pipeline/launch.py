@@ -36,11 +36,24 @@ class StageFailed(RuntimeError):
         self.stage, self.code = stage, code
 
 
+def machine_rank(config: PipelineConfig) -> int:
+    """This machine's rank in a multi-machine launch: run.machine_rank, else the Accelerate config's, else 0."""
+    if config.run.machine_rank is not None:
+        return config.run.machine_rank
+    if not config.run.accelerate_config:
+        return 0
+    import yaml
+
+    settings = yaml.safe_load(Path(config.run.accelerate_config).read_text(encoding="utf-8")) or {}
+    return int(settings.get("machine_rank", 0) or 0)
+
+
 @contextmanager
-def run_directory_lock(run_dir: Path) -> Iterator[None]:
-    """One `rlhf run` per run directory: a second one fails at once instead of corrupting checkpoints."""
+def run_directory_lock(run_dir: Path, machine: int = 0) -> Iterator[None]:
+    """One `rlhf run` per run directory and machine rank: a second one fails at once instead of corrupting
+    checkpoints. The machines of a multi-machine run share the directory, each under its own lock."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / ".lock", "a+")
+    handle = open(run_dir / (".lock" if machine == 0 else f".lock-machine-{machine}"), "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -61,8 +74,13 @@ def run_directory_lock(run_dir: Path) -> Iterator[None]:
 
 def launch_command(config: PipelineConfig, stage: str, overrides: list[str]) -> list[str]:
     """`accelerate launch` of one stage with the run's Accelerate config."""
+    machines = []
+    if config.run.machine_rank is not None:
+        machines += ["--machine_rank", str(config.run.machine_rank)]
+    if config.run.main_process_ip is not None:
+        machines += ["--main_process_ip", config.run.main_process_ip]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config.run.accelerate_config,
-            "-m", f"stages.{stage}", *stage_arguments(config, overrides)]
+            *machines, "-m", f"stages.{stage}", *stage_arguments(config, overrides)]
 
 
 def stage_environment(config: PipelineConfig) -> dict[str, str]:
@@ -139,8 +157,12 @@ def run_stages(config: PipelineConfig, overrides: list[str], restart: set[str],
     elsewhere) is stale, so its outputs are set aside and it runs again, and so, in turn, does every stage after
     it whose inputs that changes."""
     outcomes = []
+    # On the other machines of a multi-machine run this process only reads the run directory: the stage processes
+    # of rank 0 decide and move files, and the stage processes of every machine make the same decision.
+    main_machine = machine_rank(config) == 0
     for stage in config.run.stages:
-        start = plan_stage_start(config, stage, restart=stage in restart, is_main_process=True)
+        start = plan_stage_start(config, stage, restart=stage in restart,
+                                 is_main_process=main_machine)
         if start.already_finished:
             banner(f"{stage}: finished earlier, skipped")
             outcomes.append(outcome(config, stage, "skipped"))
