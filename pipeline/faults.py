@@ -4,7 +4,10 @@ save, and the fault injection the reliability tests exercise them with.
 `RLHF_INJECT_NAN=<stage>:<step>` poisons a weight with NaN just before that optimizer step, so the loss really
 turns NaN; `RLHF_INJECT_NAN_GRADIENT=<stage>:<step>` poisons a gradient after that step's backward passes, so
 the loss stays finite and only the gradient norm shows it: the case a loss check alone lets through to the next
-checkpoint. Steps are counted from 0, as the loops count them before the optimizer step.
+checkpoint. `RLHF_HALT_AT=<stage>:<step>` stops every process of the stage dead (a wait, nothing more) at the
+start of that step, after touching the file RLHF_HALT_FILE names: a test then kills the whole run with SIGKILL at
+a known point, also where the stage's processes live in sessions of their own (torchrun's). Steps are counted from
+0, as the loops count them before the optimizer step.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 
 NAN_VARIABLE = "RLHF_INJECT_NAN"
 NAN_GRADIENT_VARIABLE = "RLHF_INJECT_NAN_GRADIENT"
+HALT_VARIABLE, HALT_FILE_VARIABLE = "RLHF_HALT_AT", "RLHF_HALT_FILE"
 
 
 def poison_weights_if_requested(stage: str, step: int, model: torch.nn.Module) -> None:
@@ -25,6 +29,18 @@ def poison_weights_if_requested(stage: str, step: int, model: torch.nn.Module) -
     parameter = next(p for p in model.parameters() if p.requires_grad)
     with torch.no_grad():
         parameter.fill_(float("nan"))
+
+
+def halt_if_requested(stage: str, step: int) -> None:
+    """Wait forever at this stage and step when the environment asks for it (see the module docstring)."""
+    if os.environ.get(HALT_VARIABLE) != f"{stage}:{step}":
+        return
+    import time
+    from pathlib import Path
+
+    Path(os.environ[HALT_FILE_VARIABLE]).touch()
+    while True:
+        time.sleep(1)
 
 
 def poison_gradients_if_requested(stage: str, step: int, model: torch.nn.Module) -> None:

@@ -128,6 +128,10 @@ def check_accelerate_config(config: PipelineConfig) -> None:
     if kind == "FSDP" and int((settings.get("fsdp_config") or {}).get("fsdp_version", 1)) != 2:
         raise ConfigError(f"{key}: {path} asks for FSDP version 1, which the stages do not support; set "
                           f"fsdp_config.fsdp_version: 2")
+    if kind == "FSDP" and int(settings.get("num_processes", 1) or 1) < 2:
+        # Accelerate would run it as one plain process (it shards over 2 or more only); the stage would refuse.
+        raise ConfigError(f"{key}: {path} asks for FSDP on 1 process, which Accelerate runs unsharded; set "
+                          f"num_processes to 2 or more, or use configs/accelerate/single_gpu.yaml")
 
 
 def preflight(config: PipelineConfig) -> None:

@@ -44,7 +44,8 @@ from pipeline.custom_loop import CustomLoop
 from pipeline.engines import (
     PolicyAndValue, accumulation_boundary, backward, clipped_gradient_norm, engine_of, require_fsdp2_internals)
 from pipeline.faults import (
-    poison_gradients_if_requested, poison_weights_if_requested, require_finite_gradient_norms, require_finite_weights)
+    halt_if_requested, poison_gradients_if_requested, poison_weights_if_requested, require_finite_gradient_norms,
+    require_finite_weights)
 from pipeline.final_save import save_final_model
 from pipeline.models import count_parameters
 from pipeline.policy_gradient import (
@@ -231,6 +232,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
     progress = tqdm(total=settings.max_steps, initial=step, desc="ppo", disable=not accelerator.is_local_main_process)
     best_eos_share = 0.0
     while step < settings.max_steps:
+        halt_if_requested(STAGE, step)
         indices = prompt_indices(step, settings, len(prompts), config.run.seed, accelerator.process_index,
                                  accelerator.num_processes)
         queries, query_mask = left_pad([prompts[i] for i in indices], tokenizer.pad_token_id)

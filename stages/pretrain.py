@@ -27,7 +27,8 @@ from pipeline.config import ConfigError, PipelineConfig, PretrainSection
 from pipeline.custom_loop import CustomLoop
 from pipeline.engines import accumulation_boundary, backward, clipped_gradient_norm, configure_deepspeed, engine_of
 from pipeline.faults import (
-    poison_gradients_if_requested, poison_weights_if_requested, require_finite_gradient_norms, require_finite_weights)
+    halt_if_requested, poison_gradients_if_requested, poison_weights_if_requested, require_finite_gradient_norms,
+    require_finite_weights)
 from pipeline.final_save import full_state_dict, model_holding, save_final_model
 from pipeline.models import (
     attention_for_precision, build_llama_from_config, count_parameters, load_causal_lm, save_hf_model)
@@ -167,6 +168,7 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
     model.train()
     while step < settings.max_steps:
         step_began = time.perf_counter()
+        halt_if_requested(STAGE, step)
         poison_weights_if_requested(STAGE, step, model)
         learning_rate = learning_rate_at(step, settings)
         for group in optimizer.param_groups:
