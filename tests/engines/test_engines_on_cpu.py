@@ -106,25 +106,32 @@ def assert_loads_with_plain_transformers(final_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory) -> Path:
-    """The smoke preset under DDP on 2 processes: what every other engine is compared with."""
-    return rlhf_run(tmp_path_factory.mktemp("engines"), "ddp", "ddp")
+def full_run(tmp_path_factory):
+    """The whole smoke preset under an engine, run once for the module: `full_run("zero3")` (ZeRO-3 and FSDP2 with
+    LoRA SFT)."""
+    runs: dict[str, Path] = {}
+
+    def run(engine: str) -> Path:
+        needs(engine)
+        if engine not in runs:
+            runs[engine] = rlhf_run(tmp_path_factory.mktemp("engines"), engine, engine,
+                                    *(LORA if engine in ("zero3", "fsdp2") else []))
+        return runs[engine]
+    return run
 
 
 @pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory) -> Path:
-    needs("zero3")
-    return rlhf_run(tmp_path_factory.mktemp("engines"), "zero3", "zero3", *LORA)
+def ddp_run(full_run) -> Path:
+    """The smoke preset under DDP on 2 processes: what every other engine is compared with."""
+    return full_run("ddp")
 
 
 @pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
-def test_every_stage_runs_under_the_engine_asked_for_and_pretraining_agrees_with_ddp(engine, ddp_run, zero3_run,
-                                                                                  tmp_path):
+def test_every_stage_runs_under_the_engine_asked_for_and_pretraining_agrees_with_ddp(engine, ddp_run, full_run):
     """The whole pipeline under the engine, every manifest naming it (2 processes, fp32); every final model loads
     with plain transformers (SFT's LoRA adapter merged under ZeRO-3 and FSDP2); pretraining's final weights within
     1e-4 of DDP's."""
-    needs(engine)
-    run_dir = zero3_run if engine == "zero3" else rlhf_run(tmp_path, engine, engine, *(LORA if engine == "fsdp2" else []))
+    run_dir = full_run(engine)
     for stage in STAGES:
         assert manifest(run_dir, stage)["engine"] == {"engine": engine, "processes": 2, "mixed_precision": "no"}
         assert_loads_with_plain_transformers(run_dir / stage / "final")
@@ -170,8 +177,7 @@ def test_a_stage_that_does_not_get_the_launched_engine_stops_before_writing_anyt
 
 
 @pytest.mark.parametrize("engine", ["ddp", "zero3"])
-def test_two_machines_on_the_loopback_address_train_as_one_machine_of_two_processes(engine, ddp_run, zero3_run,
-                                                                                   tmp_path):
+def test_two_machines_on_the_loopback_address_train_as_one_machine_of_two_processes(engine, full_run, tmp_path):
     """configs/accelerate/multi_node*.yaml's path, as two machines of one process each on 127.0.0.1 (the same
     `rlhf run` on each, run.machine_rank 0 and 1, one run directory as shared storage): every stage ends with the
     weights the same engine gives with 2 processes on one machine."""
@@ -190,7 +196,7 @@ def test_two_machines_on_the_loopback_address_train_as_one_machine_of_two_proces
                 for rank in (0, 1)]
     outputs = [machine.communicate(timeout=600)[0] for machine in machines]
     assert [machine.returncode for machine in machines] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    one_machine = ddp_run if engine == "ddp" else zero3_run
+    one_machine = full_run(engine)
     for stage in STAGES:
         assert manifest(tmp_path / "two_machines", stage)["engine"]["engine"] == engine
         difference = relative_difference(final_weights(tmp_path / "two_machines", stage),
@@ -223,14 +229,13 @@ def kill_process_tree(root: int) -> None:
 
 
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
-def test_a_run_killed_mid_pretraining_and_mid_ppo_resumes_to_the_weights_of_an_uninterrupted_one(engine, zero3_run,
+def test_a_run_killed_mid_pretraining_and_mid_ppo_resumes_to_the_weights_of_an_uninterrupted_one(engine, full_run,
                                                                                                tmp_path):
     """`rlhf run` and all its processes SIGKILLed in pretraining (step 8 of 12, newest checkpoint 6) and in PPO
     (step 3 of 3, newest checkpoint 2), then run again: each stage resumes from its checkpoint, sharded optimizer
     states and per-process RNG included, and every final model is bit-identical to the uninterrupted run's."""
-    needs(engine)
     overrides = LORA
-    reference = zero3_run if engine == "zero3" else rlhf_run(tmp_path / "reference", engine, engine, *overrides)
+    reference = full_run(engine)
     for stage, step in (("pretrain", 8), ("ppo", 2)):
         halted = tmp_path / f"halted-{stage}"
         process = subprocess.Popen(rlhf_run_command(tmp_path, engine, ACCELERATE / ENGINES[engine], *overrides),

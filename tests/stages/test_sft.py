@@ -22,14 +22,16 @@ def collated_labels(tokenizer, dialogues: list[list[dict]], tmp_path) -> dict:
     """The batch SFTTrainer collates from the stage's own dataset and arguments."""
     from trl import SFTTrainer
 
-    from pipeline.hf_trainer import trainer_arguments
+    from pipeline.hf_trainer import trainer_arguments, trainer_stage_accelerator
     from stages.sft import training_dataset
 
     config = load_config(SMOKE, [f"run.output_dir={tmp_path}"])
+    accelerator, _ = trainer_stage_accelerator(config, "sft")
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
     trainer = SFTTrainer(model=model, processing_class=tokenizer,
-                         args=trainer_arguments(config, "sft", tmp_path, has_eval=False, assistant_only_loss=False),
+                         args=trainer_arguments(config, "sft", tmp_path, has_eval=False, accelerator=accelerator,
+                                                   assistant_only_loss=False),
                          train_dataset=training_dataset([{"messages": d} for d in dialogues], tokenizer, True, "tiny"))
     return trainer.data_collator([trainer.train_dataset[i] for i in range(len(dialogues))])
 
