@@ -53,7 +53,6 @@ def test_unknown_section(tmp_path):
     ("- a\n- b\n", r"the top level must be a mapping"),
     ("pretrain:\n  max_steps: [1\n", r"not valid YAML at line 3"),
     ("ppo:\n  policy_snapshot_steps: 0\n", r"^ppo\.policy_snapshot_steps: must be at least 1 \(or null for none\), got 0$"),
-    ("ppo:\n  policy_snapshot_steps: 5\n  peft: {}\n", r"^ppo\.policy_snapshot_steps: not available with ppo\.peft"),
 ])
 def test_bad_configs_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,7 +1,8 @@
-"""pipeline/engines.py on CPU. DDP-free parts run for real; DeepSpeed is not installed, so its tests run accelerate's
-own DeepSpeed code paths (Accelerator.backward, DeepSpeedEngineWrapper, DeepSpeedPlugin) over an engine that
-records what DeepSpeed's engine would be asked to do; FSDP2 runs for real with two gloo processes on CPU (torch's
-fully_shard, not through Accelerate, which offers FSDP on GPUs only). Test names state the engine's behaviour."""
+"""pipeline/engines.py in one process, in seconds: accelerate's own DeepSpeed code paths (Accelerator.backward,
+DeepSpeedEngineWrapper, DeepSpeedPlugin) over an engine that records what DeepSpeed's engine would be asked to
+do, and FSDP2's unsharded generation with two gloo processes through torch's fully_shard. The engine tier
+(tests/engines/) runs every stage under real DeepSpeed ZeRO-2/3 and FSDP2 on 2 CPU processes. Test names state
+the engine's behaviour."""
 
 from __future__ import annotations
 
