@@ -193,6 +193,7 @@ def run_stage_main(stage: str, runner: Callable[[PipelineConfig, bool], Any], ar
 
     try:
         runner(config, restart)
+        leave_process_group()
     except (ConfigError, DataError) as error:
         exit_with_error(str(error))
     except (FloatingPointError, OutputWriteError) as error:  # diverged, or disk full: still one clear line
@@ -202,6 +203,17 @@ def run_stage_main(stage: str, runner: Callable[[PipelineConfig, bool], Any], ar
             raise
         exit_with_error(f"{stage}: could not write to {config.run_dir}: {error.strerror}; complete checkpoints "
                         f"are intact, the newest one is resumed from after the cause is fixed", code=1)
+
+
+def leave_process_group() -> None:
+    """After a stage's work: every process leaves the process group together. Left to interpreter exit, DeepSpeed's
+    and gloo's communication threads were at times still joinable when their objects were destroyed: a process
+    aborted ("terminate called without an active exception", SIGABRT) after the stage had finished and saved."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def stage_input_model(config: PipelineConfig, stage: str) -> str:
