@@ -28,3 +28,12 @@ def test_bf16_on_a_cpu_without_bf16_matmuls_is_kept_but_warned_about(monkeypatch
 
 def test_cpu_bf16_support_is_a_plain_answer():
     assert stage.cpu_has_bf16_matmuls() in (True, False)
+
+
+def test_leaving_the_process_group_is_a_no_op_in_a_lone_process():
+    import torch.distributed as dist
+
+    from pipeline.stage import leave_process_group
+
+    leave_process_group()
+    assert not dist.is_initialized()
