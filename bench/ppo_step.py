@@ -33,13 +33,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from side_by_side import (  # noqa: E402
-    PPOBenchShape, add_shape_arguments, llama_models, machine_description, random_prompts, shape_from_arguments,
-    special_tokens_tokenizer)
+    PPOBenchShape,
+    add_shape_arguments,
+    llama_models,
+    machine_description,
+    random_prompts,
+    shape_from_arguments,
+    special_tokens_tokenizer,
+)
 
 
 def ppo_settings(shape: PPOBenchShape):
     """Our PPOSection for the shape, with the anchor's PPO settings (temperature 1, missing-EOS penalty 1)."""
-    from pipeline.config import PPOSection
+    from pipeline.config.schema import PPOSection
 
     return PPOSection(per_device_train_batch_size=shape.micro_batch_size,
                       gradient_accumulation_steps=shape.micro_batches, num_mini_batches=shape.minibatches,
@@ -51,16 +57,16 @@ def ppo_settings(shape: PPOBenchShape):
 def prepared_models(shape: PPOBenchShape, lora: bool, accelerator) -> dict:
     """The four models of bench/side_by_side.py, set up by the stage's own `prepare_ppo_models`: policy and critic
     as one prepared PolicyAndValue with one optimizer, the reward model behind a RewardScorer."""
-    from pipeline.models import configure_generation
-    from pipeline.ppo_models import ValueModel, prepare_ppo_models
+    from pipeline.ppo.models import ValueModel, prepare_ppo_models
+    from pipeline.train.models import configure_generation
 
     tokenizer = special_tokens_tokenizer()
     models = llama_models(shape, tokenizer)
     policy, reference = models["policy"], models["reference"]
     configure_generation(policy, tokenizer)
     if lora:
-        from pipeline.config import PeftSection
-        from pipeline.models import with_lora_adapter
+        from pipeline.config.schema import PeftSection
+        from pipeline.train.models import with_lora_adapter
 
         policy = with_lora_adapter(policy, PeftSection())
         reference = None  # as in the stage: the policy with its adapter disabled
@@ -82,8 +88,8 @@ def time_ppo_steps(shape: PPOBenchShape, lora: bool = False) -> dict:
     from accelerate import Accelerator
 
     import stages.ppo as ppo
-    from pipeline.ppo_experience import generate_rollout, score_rollout
-    from reward_model import RewardNormalization
+    from pipeline.ppo.experience import generate_rollout, score_rollout
+    from reward_model.normalization import RewardNormalization
 
     accelerator = Accelerator(mixed_precision="bf16" if shape.dtype == "bf16" else "no")
     parts = prepared_models(shape, lora, accelerator)
@@ -123,13 +129,13 @@ def sft_steps(shape: PPOBenchShape, lora: bool) -> torch.nn.Module:
     optimizer steps as the PPO run takes); returns the trained policy."""
     from accelerate import Accelerator
 
-    from pipeline.models import attention_for_precision
+    from pipeline.train.models import attention_for_precision
 
     accelerator = Accelerator(mixed_precision="bf16" if shape.dtype == "bf16" else "no")
     policy = llama_models(shape, special_tokens_tokenizer())["policy"]
     if lora:
-        from pipeline.config import PeftSection
-        from pipeline.models import with_lora_adapter
+        from pipeline.config.schema import PeftSection
+        from pipeline.train.models import with_lora_adapter
 
         policy = with_lora_adapter(policy, PeftSection())
     attention_for_precision(policy, shape.dtype == "bf16", accelerator.device)

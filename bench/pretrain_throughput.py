@@ -29,12 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from side_by_side import machine_description  # noqa: E402
+
 from data.loading import read_rows  # noqa: E402
 from data.tokenizer import load_tokenizer, train_bpe_tokenizer  # noqa: E402
-from pipeline.checkpoints import read_manifest  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.models import attention_for_precision, build_llama_from_config  # noqa: E402
-from side_by_side import machine_description  # noqa: E402
+from pipeline.config.loading import load_config
+from pipeline.run.manifests import read_manifest
+from pipeline.train.models import attention_for_precision, build_llama_from_config
 from stages.pretrain import packed_blocks, run_pretraining  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

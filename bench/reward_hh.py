@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.state import AcceleratorState
 
     from data.tokenizer import load_tokenizer
-    from pipeline.config import load_config
-    from pipeline.convert_gguf import SMOLLM2_DIRECTORY, convert_gguf, smollm2_gguf_file
-    from pipeline.stage import quiet_transformers, seed_everything
-    from reward_model import load_reward_model
+    from pipeline.cli.convert_gguf import SMOLLM2_DIRECTORY, convert_gguf, smollm2_gguf_file
+    from pipeline.config.loading import load_config
+    from pipeline.train.entry import quiet_transformers, seed_everything
+    from reward_model.model import load_reward_model
     from stages.reward import held_out_accuracy, preference_splits, run_reward
 
     quiet_transformers()

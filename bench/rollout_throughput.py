@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.batches import left_pad  # noqa: E402
-from pipeline.rollout import cut_at_first_eos, decode_from_pi, generate_with_config, sampling_config  # noqa: E402
+from pipeline.generation.padding import left_pad
+from pipeline.generation.sampling import cut_at_first_eos, decode_from_pi, generate_with_config, sampling_config
 
 
 def build_policy(arguments: argparse.Namespace):

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-
 # Issue 13: our PPO step at most this share of TRL 0.19.1's, on identical work.
 GOAL_RATIO = {"fp32": 0.75, "bf16": 0.6}
 

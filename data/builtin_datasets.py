@@ -11,8 +11,9 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
-from data.builtin_task import TASK_VERSION, BuiltinTaskConfig, draw_prompt, pretraining_stories, sample_response
+from data.builtin_task import TASK_VERSION, draw_prompt, pretraining_stories, sample_response
 from data.gold_judge import annotator_ranking, gold_score
+from pipeline.config.schema import BuiltinTaskConfig
 
 
 def user_message(text: str) -> list[dict[str, str]]:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from data.loading import DataError, load_source, read_rows
-from pipeline.config import DatasetSource
-from pipeline.config_validation import looks_like_local_path
+from pipeline.config.schema import DatasetSource
+from pipeline.config.validation import looks_like_local_path
 
 Messages = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")

@@ -19,8 +19,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import DatasetSource
-from pipeline.config_validation import looks_like_local_path
+from pipeline.config.schema import DatasetSource
+from pipeline.config.validation import looks_like_local_path
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 

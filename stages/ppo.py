@@ -37,24 +37,26 @@ from data.formats import prompts_from_rows
 from data.gold_judge import gold_score
 from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer
-from pipeline.batches import epoch_order, left_pad
-from pipeline.checkpoints import policy_snapshot_dir
-from pipeline.config import ConfigError, PipelineConfig, PPOSection
-from pipeline.custom_loop import CustomLoop
-from pipeline.engines import (
-    PolicyAndValue, accumulation_boundary, backward, clipped_gradient_norm, engine_of, require_fsdp2_internals)
-from pipeline.faults import (
-    halt_if_requested, poison_gradients_if_requested, poison_weights_if_requested, require_finite_gradient_norms,
-    require_finite_weights)
-from pipeline.final_save import save_final_model
-from pipeline.models import count_parameters
-from pipeline.policy_gradient import (
-    clipped_policy_loss, clipped_value_loss, kl_controller_from_config, logprobs_of_tokens, minibatch_statistics)
-from pipeline.ppo_experience import Experience, generate_rollout, score_rollout
-from pipeline.ppo_models import (
-    build_critic, build_policy, policy_context_length, prepare_ppo_models, response_logits_and_values)
-from pipeline.stage import run_stage_main, seed_everything, stage_input_model
-from reward_model import RewardNormalization, load_reward_model, require_same_vocabulary
+from pipeline.config.parsing import ConfigError
+from pipeline.config.schema import PipelineConfig, PPOSection
+from pipeline.generation.padding import left_pad
+from pipeline.ppo.experience import Experience, generate_rollout, score_rollout
+from pipeline.ppo.models import (
+    PolicyAndValue, build_critic, build_policy, policy_context_length, prepare_ppo_models, response_logits_and_values)
+from pipeline.rl.kl import kl_controller_from_config
+from pipeline.rl.logprobs import logprobs_of_tokens
+from pipeline.rl.losses import clipped_policy_loss, clipped_value_loss, minibatch_statistics
+from pipeline.run.checkpoints import policy_snapshot_dir
+from pipeline.train.batches import epoch_order
+from pipeline.train.custom_loop import CustomLoop
+from pipeline.train.engines import (
+    accumulation_boundary, backward, clipped_gradient_norm, engine_of, require_fsdp2_internals)
+from pipeline.train.entry import run_stage_main, seed_everything, stage_input_model
+from pipeline.train.final_save import save_final_model
+from pipeline.train.guards import fault_point, require_finite_gradient_norms, require_finite_weights
+from pipeline.train.models import count_parameters
+from reward_model.model import load_reward_model, require_same_vocabulary
+from reward_model.normalization import RewardNormalization
 
 STAGE = "ppo"
 
@@ -143,7 +145,7 @@ def ppo_update(model: PolicyAndValue, optimizer, experience: Experience, setting
                 with accumulation_boundary(accelerator, model, last_micro_batch=micro_start + micro >= minibatch):
                     shares.append(micro_batch_loss(model, experience, indices, token_count, context_length,
                                                    settings, accelerator))
-            poison_gradients_if_requested(STAGE, step, accelerator.unwrap_model(model))
+            fault_point("gradients", STAGE, step, accelerator.unwrap_model(model))
             grad_norm = clipped_gradient_norm(accelerator, model, settings.max_grad_norm)
             require_finite_gradient_norms({"policy and critic": grad_norm}, STAGE, step + 1, "ppo.learning_rate")
             optimizer.step()
@@ -232,7 +234,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
     progress = tqdm(total=settings.max_steps, initial=step, desc="ppo", disable=not accelerator.is_local_main_process)
     best_eos_share = 0.0
     while step < settings.max_steps:
-        halt_if_requested(STAGE, step)
+        fault_point("step", STAGE, step)
         indices = prompt_indices(step, settings, len(prompts), config.run.seed, accelerator.process_index,
                                  accelerator.num_processes)
         queries, query_mask = left_pad([prompts[i] for i in indices], tokenizer.pad_token_id)
@@ -242,7 +244,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
         experience, rollout_stats = score_rollout(rollout, model, reference, reward_scorer, normalization,
                                                   kl_controller.value, settings, accelerator)
         model.train()
-        poison_weights_if_requested(STAGE, step, accelerator.unwrap_model(model))
+        fault_point("update", STAGE, step, accelerator.unwrap_model(model))
         lr_scale = learning_rate_scale(step, settings)
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * lr_scale

@@ -21,18 +21,18 @@ from tqdm.auto import tqdm
 from data.builtin_datasets import write_builtin_task
 from data.loading import load_source, read_rows, texts_from_rows
 from data.tokenizer import load_tokenizer, train_bpe_tokenizer
-from pipeline.batches import epoch_order
-from pipeline.checkpoints import atomic_directory
-from pipeline.config import ConfigError, PipelineConfig, PretrainSection
-from pipeline.custom_loop import CustomLoop
-from pipeline.engines import accumulation_boundary, backward, clipped_gradient_norm, configure_deepspeed, engine_of
-from pipeline.faults import (
-    halt_if_requested, poison_gradients_if_requested, poison_weights_if_requested, require_finite_gradient_norms,
-    require_finite_weights)
-from pipeline.final_save import full_state_dict, model_holding, save_final_model
-from pipeline.models import (
+from pipeline.config.parsing import ConfigError
+from pipeline.config.schema import PipelineConfig, PretrainSection
+from pipeline.run.files import atomic_directory
+from pipeline.train.batches import epoch_order
+from pipeline.train.custom_loop import CustomLoop
+from pipeline.train.engines import (
+    accumulation_boundary, backward, clipped_gradient_norm, configure_deepspeed, engine_of)
+from pipeline.train.entry import run_stage_main, seed_everything
+from pipeline.train.final_save import full_state_dict, model_holding, save_final_model
+from pipeline.train.guards import fault_point, require_finite_gradient_norms, require_finite_weights
+from pipeline.train.models import (
     attention_for_precision, build_llama_from_config, count_parameters, load_causal_lm, save_hf_model)
-from pipeline.stage import run_stage_main, seed_everything
 
 STAGE = "pretrain"
 
@@ -168,8 +168,8 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
     model.train()
     while step < settings.max_steps:
         step_began = time.perf_counter()
-        halt_if_requested(STAGE, step)
-        poison_weights_if_requested(STAGE, step, model)
+        fault_point("step", STAGE, step)
+        fault_point("update", STAGE, step, model)
         learning_rate = learning_rate_at(step, settings)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
@@ -182,7 +182,7 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
                 loss = training_forward(input_ids=batch, labels=batch).loss / settings.gradient_accumulation_steps
                 backward(accelerator, loss)
             step_loss += loss.detach()
-        poison_gradients_if_requested(STAGE, step, model)
+        fault_point("gradients", STAGE, step, model)
         grad_norm = clipped_gradient_norm(accelerator, model, settings.max_grad_norm)
         # The loss checked below comes from the weights before this update and cannot see a NaN gradient: checked
         # here, or the step writes NaN weights that the next save keeps. One device sync a step.

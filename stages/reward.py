@@ -54,17 +54,20 @@ from data.formats import (
 from data.gold_judge import gold_score
 from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer
-from pipeline.checkpoints import write_manifest
-from pipeline.config import PipelineConfig
-from pipeline.final_save import save_final_model, zero3_init_lifted
-from pipeline.hf_trainer import (
+from pipeline.config.schema import PipelineConfig
+from pipeline.generation.padding import right_padded
+from pipeline.generation.sampling import sample_token_ids, sampling_config
+from pipeline.run.manifests import write_manifest
+from pipeline.run.start import plan_stage_start
+from pipeline.train.entry import run_stage_main, seed_everything, stage_input_model
+from pipeline.train.final_save import save_final_model, zero3_init_lifted
+from pipeline.train.models import attention_for_precision, load_causal_lm
+from pipeline.train.trainer import (
     PipelineCallback, metrics_log_for, train_with_resume, trainer_arguments, trainer_stage_accelerator)
-from pipeline.models import attention_for_precision, load_causal_lm
-from pipeline.rollout import reward_scores, sample_token_ids, sampling_config
-from pipeline.stage import plan_stage_start, run_stage_main, seed_everything, stage_input_model
-from reward_model import (
-    RewardNormalization, classifier_scores, load_reward_model, pairwise_accuracy, pairwise_loss, preference_calibration,
-    right_padded, score_responses)
+from reward_model.calibration import preference_calibration
+from reward_model.losses import pairwise_accuracy, pairwise_loss
+from reward_model.model import classifier_scores, load_reward_model, reward_scores, score_responses
+from reward_model.normalization import RewardNormalization
 
 STAGE = "reward"
 

@@ -39,15 +39,17 @@ from data.builtin_datasets import write_builtin_task
 from data.formats import converted_splits, dialogues_from_rows
 from data.loading import read_rows
 from data.tokenizer import load_tokenizer
-from pipeline.checkpoints import MetricsLog, write_manifest
-from pipeline.config import ConfigError, PipelineConfig
-from pipeline.engines import engine_of
-from pipeline.final_save import save_final_model
-from pipeline.hf_trainer import (
+from pipeline.config.parsing import ConfigError
+from pipeline.config.schema import PipelineConfig
+from pipeline.generation.sampling import generate_with_config, sampling_config
+from pipeline.run.manifests import MetricsLog, write_manifest
+from pipeline.run.start import plan_stage_start
+from pipeline.train.engines import engine_of
+from pipeline.train.entry import run_stage_main, seed_everything, stage_input_model
+from pipeline.train.final_save import save_final_model
+from pipeline.train.models import attention_for_precision, count_parameters, load_causal_lm
+from pipeline.train.trainer import (
     PipelineCallback, metrics_log_for, train_with_resume, trainer_arguments, trainer_stage_accelerator)
-from pipeline.models import attention_for_precision, count_parameters, load_causal_lm
-from pipeline.rollout import generate_with_config, sampling_config
-from pipeline.stage import plan_stage_start, run_stage_main, seed_everything, stage_input_model
 
 STAGE = "sft"
 SAMPLE_TOKENS = 64  # new tokens per sample answer at evaluation

@@ -1,9 +1,13 @@
+import os
 import shutil
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
 from tests.helpers import SMOKE
+
+# Every stage run by the suite, in-process or in a subprocess (which inherits it), can be told to fail on purpose.
+os.environ["RLHF_FAULT_HOOKS"] = "tests.faults.injection"
 
 
 @pytest.fixture(autouse=True)

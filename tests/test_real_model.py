@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.convert_gguf import SMOLLM2_DIRECTORY, convert_gguf, greedy_answer, smollm2_gguf_file
+from pipeline.cli.convert_gguf import SMOLLM2_DIRECTORY, convert_gguf, greedy_answer, smollm2_gguf_file
 from tests.data.test_assistant_masks import masked_spans
 from tests.helpers import REPO, environment
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 
 CASES = yaml.safe_load((Path(__file__).parent / "cases.yaml").read_text())
 

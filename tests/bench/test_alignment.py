@@ -1,9 +1,8 @@
 import json
 from pathlib import Path
 
-import pytest
-
 import alignment  # bench/, put on the path by conftest.py
+import pytest
 
 
 def fake_run(root: Path, gold: float, accuracy: float, best_of: bool = True) -> Path:

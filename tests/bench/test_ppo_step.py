@@ -2,7 +2,6 @@ import argparse
 
 import pytest
 import torch
-
 from ppo_step import peak_rss_of_child, ppo_settings, sft_steps, shape_flags, time_ppo_steps
 from side_by_side import PPOBenchShape, add_shape_arguments, shape_from_arguments
 from trl_ppo_step import trl_ppo_config_fields

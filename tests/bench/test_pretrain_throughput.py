@@ -3,12 +3,12 @@ import math
 
 import pytest
 import torch
+from pretrain_throughput import (
+    WARMUP_STEPS, break_even_steps, characters_per_token_id, flops_per_token, matmul_peak, nanogpt_split,
+    nats_per_character, shakespeare, throughput, tokens_per_second, write_text_rows)
 
 from data.loading import read_rows
 from data.tokenizer import train_bpe_tokenizer
-from pretrain_throughput import (
-    WARMUP_STEPS, break_even_steps, characters_per_token_id, flops_per_token, matmul_peak, nanogpt_split, nats_per_character, shakespeare,
-    throughput, tokens_per_second, write_text_rows)
 from stages.pretrain import packed_blocks
 
 SMALL = ["model.num_hidden_layers=1", "model.hidden_size=32", "model.num_attention_heads=2",

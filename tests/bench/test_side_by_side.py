@@ -6,7 +6,6 @@ from dataclasses import asdict
 
 import pytest
 import torch
-
 from side_by_side import (
     PPOBenchShape, add_shape_arguments, llama_models, machine_description, main, median_summary, random_prompts,
     setup_of, shape_from_arguments, shape_problem, special_tokens_tokenizer)

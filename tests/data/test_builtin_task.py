@@ -7,10 +7,10 @@ import pytest
 
 from data.builtin_datasets import prompts, ranked_completions, sft_dialogues, write_builtin_task
 from data.builtin_task import (
-    FACT_TEMPLATES, MAX_RESPONSE_WORDS, NAMES, TASK_FAMILIES, BuiltinTaskConfig, core_response, fact_sentence,
-    ideal_response, is_held_out_prompt, pretraining_stories, question_answer, random_facts, sample_response,
-    story_facts)
+    FACT_TEMPLATES, MAX_RESPONSE_WORDS, NAMES, TASK_FAMILIES, core_response, fact_sentence, ideal_response,
+    is_held_out_prompt, pretraining_stories, question_answer, random_facts, sample_response, story_facts)
 from data.gold_judge import gold_score
+from pipeline.config.schema import BuiltinTaskConfig
 
 STORY = "Mia had a red kite. Tom had a blue kite. One day, Mia went to the park. Mia felt happy."
 QA = f"Read the story and answer the question.\nStory: {STORY}\nQuestion: What colour was Mia's kite?"

@@ -1,8 +1,8 @@
 import pytest
 
 from data.formats import (
-    converted_splits, dialogues_from_rows, preference_pairs_from_rows, prompt_response_ids, prompts_from_rows, ranked_pairs_from_lists,
-    split_hh_transcript)
+    converted_splits, dialogues_from_rows, preference_pairs_from_rows, prompt_response_ids, prompts_from_rows,
+    ranked_pairs_from_lists, split_hh_transcript)
 from data.loading import DataError
 
 
@@ -55,7 +55,7 @@ def test_skip_counts_bad_rows_in_one_line(capsys):
 def test_split_datasets_name_a_bad_row_by_its_row_in_the_file(tmp_path, capsys):
     import json
 
-    from pipeline.config import DatasetSource
+    from pipeline.config.schema import DatasetSource
     path = tmp_path / "sft.jsonl"
     rows = [{"prompt": f"q{i}", "completion": "a"} for i in range(19)] + [{"prompt": "q", "completion": ""}]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -6,12 +6,13 @@ import shutil
 
 import pytest
 
-from pipeline.checkpoints import COMPLETE_MARKER, OutputWriteError, latest_checkpoint
-from pipeline.config import ConfigError, load_config
-from pipeline.faults import (
-    NAN_GRADIENT_VARIABLE, NAN_VARIABLE, poison_gradients_if_requested, require_finite_gradient_norms,
-    require_finite_weights)
-from pipeline.preflight import check_output_directory
+from pipeline.config.loading import load_config
+from pipeline.config.parsing import ConfigError
+from pipeline.run.checkpoints import COMPLETE_MARKER, latest_checkpoint
+from pipeline.run.files import OutputWriteError
+from pipeline.run.preflight import check_output_directory
+from pipeline.train.guards import require_finite_gradient_norms, require_finite_weights
+from tests.faults.injection import NAN_GRADIENT_VARIABLE, NAN_VARIABLE, poison_gradients_if_requested
 from tests.helpers import SMOKE, assert_identical_weights, environment, run_stage, stage_command
 
 
@@ -24,6 +25,7 @@ def last_error(result) -> str:
 
 def run_with_nan(stage, step, *overrides, variable=NAN_VARIABLE):
     import subprocess
+
     from tests.helpers import REPO
     return subprocess.run(stage_command(stage, *overrides), cwd=REPO, env={**environment(), variable: f"{stage}:{step}"},
                           capture_output=True, text=True, timeout=300)
@@ -31,7 +33,7 @@ def run_with_nan(stage, step, *overrides, variable=NAN_VARIABLE):
 
 def stand_in_for_sft_and_reward(run) -> None:
     """The pretrained smoke model as the finished SFT and reward stages' output, for PPO to start from."""
-    from pipeline.checkpoints import write_manifest
+    from pipeline.run.manifests import write_manifest
 
     for stage in ("sft", "reward"):
         shutil.copytree(run / "smoke" / "pretrain" / "final", run / "smoke" / stage / "final")
@@ -149,7 +151,8 @@ def test_nan_gradient_in_ppo_skips_the_step_and_saves_nothing(smoke_run):
 
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import pipeline.checkpoints as checkpoints
+    import pipeline.run.files as checkpoints
+
     from stages.pretrain import run_pretraining
 
     calls = {"n": 0}

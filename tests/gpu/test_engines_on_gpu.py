@@ -149,8 +149,8 @@ def test_final_weights_of_the_same_short_run_under_ddp_and_zero3_are_close(smoke
     PPO re-seeds after building its models (ZeRO-3's partitioned build draws other random numbers), so both
     engines sample alike: on 2 CPU processes they agree within 3e-7 (tests/engines/)."""
     from data.tokenizer import load_tokenizer
-    from pipeline.config import load_config
-    from pipeline.models import build_llama_from_config
+    from pipeline.config.loading import load_config
+    from pipeline.train.models import build_llama_from_config
 
     skip_without_engine("zero3")
     finals = {}

@@ -3,9 +3,11 @@ import torch
 from safetensors.torch import load_file
 
 from data.formats import prompt_response_ids
-from reward_model import (
-    RewardNormalization, classifier_scores, load_reward_model, pairwise_accuracy, pairwise_loss, preference_calibration,
-    right_padded, score_responses, score_token_ids)
+from pipeline.generation.padding import right_padded
+from reward_model.calibration import preference_calibration
+from reward_model.losses import pairwise_accuracy, pairwise_loss
+from reward_model.model import classifier_scores, load_reward_model, score_responses, score_token_ids
+from reward_model.normalization import RewardNormalization
 
 
 def test_load_keeps_the_sft_backbone_and_adds_one_output_head(tiny_causal_lm):
@@ -110,8 +112,8 @@ def test_preference_calibration_against_the_labels_themselves():
 
 def test_policy_and_reward_model_must_read_token_ids_alike():
     from data.tokenizer import train_bpe_tokenizer
-    from pipeline.config import ConfigError
-    from reward_model import require_same_vocabulary
+    from pipeline.config.parsing import ConfigError
+    from reward_model.model import require_same_vocabulary
 
     first = train_bpe_tokenizer(["Mia had a red kite."] * 20, 300)
     other = train_bpe_tokenizer(["Tom went to the park with a fox."] * 20, 300)

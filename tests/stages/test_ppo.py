@@ -7,18 +7,20 @@ import json
 import shutil
 from pathlib import Path
 
+import pipeline.ppo.models as ppo_models
 import pytest
 import torch
 
-import pipeline.ppo_models as ppo_models
 import stages.ppo as ppo
-from pipeline.batches import left_pad
-from pipeline.checkpoints import COMPLETE_MARKER, read_manifest, write_manifest
-from pipeline.config import PeftSection, PPOSection, load_config
-from pipeline.engines import PolicyAndValue, place_frozen_model
-from pipeline.policy_gradient import logprobs_of_tokens, masked_mean
-from pipeline.ppo_experience import Rollout, generate_rollout, score_rollout
-from pipeline.rollout import position_ids_of
+from pipeline.config.loading import load_config
+from pipeline.config.schema import PeftSection, PPOSection
+from pipeline.generation.padding import left_pad, position_ids_of
+from pipeline.ppo.experience import Rollout, generate_rollout, score_rollout
+from pipeline.ppo.models import PolicyAndValue
+from pipeline.rl.masked import masked_mean
+from pipeline.run.checkpoints import COMPLETE_MARKER
+from pipeline.run.manifests import read_manifest, write_manifest
+from pipeline.train.engines import place_frozen_model
 from stages.pretrain import run_pretraining
 from tests.helpers import SMOKE, assert_identical_weights, run_and_kill_when, run_stage
 
@@ -59,11 +61,12 @@ def test_left_pad_puts_prompts_against_the_response():
 
 def build_models(run_dir: Path, settings: PPOSection, mixed_precision: str = "no"):
     from accelerate import Accelerator
+    from trl.trainer.utils import disable_dropout_in_model
 
     from data.tokenizer import load_tokenizer
-    from pipeline.models import attention_for_precision
-    from reward_model import RewardNormalization, load_reward_model
-    from trl.trainer.utils import disable_dropout_in_model
+    from pipeline.train.models import attention_for_precision
+    from reward_model.model import load_reward_model
+    from reward_model.normalization import RewardNormalization
 
     config = load_config(SMOKE)
     config.ppo = settings
@@ -194,8 +197,8 @@ def test_a_checkpoint_generation_config_leaves_the_first_ppo_step_exact(pretrain
     minibatch's KL is 0 and its ratio 1."""
     from transformers import GenerationConfig
 
-    from pipeline.policy_gradient import logprobs_of_tokens
-    from pipeline.rollout import cut_at_first_eos, draw_from
+    from pipeline.generation.sampling import cut_at_first_eos, draw_from
+    from pipeline.rl.logprobs import logprobs_of_tokens
     from tests.helpers import sample_from_pi_by_hand
 
     run = fresh_copy(pretrained_run, tmp_path)
@@ -235,10 +238,10 @@ def test_compare_scores_and_kl_equal_what_ppo_gives_the_same_ids(pretrained_run)
     """`rlhf compare` scores a sample's token ids as PPO scored them (a truncated response stays truncated, no
     EOS added) and its KL to the SFT policy is PPO's k1 against the reference."""
     from data.formats import prompt_token_ids
-    from pipeline.compare import policy_samples, sample_policy
-    from pipeline.policy_gradient import response_mask
-    from pipeline.rollout import prompt_response_batch
-    from reward_model import RewardNormalization
+    from pipeline.evaluation.compare import policy_samples, sample_policy
+    from pipeline.generation.padding import prompt_response_batch
+    from pipeline.rl.masked import response_mask
+    from reward_model.normalization import RewardNormalization
 
     settings = PPOSection(per_device_train_batch_size=4, gradient_accumulation_steps=2, response_length=10,
                           missing_eos_penalty=None)

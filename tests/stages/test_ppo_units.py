@@ -1,17 +1,18 @@
 """PPO's parts on a tiny random policy and critic: a minibatch gradient independent of how it is split into
 micro-batches, the optimizer's settings and learning-rate schedule, and policy snapshots."""
 
+import pipeline.ppo.models as ppo_models
 import pytest
 import torch
 
-import pipeline.ppo_models as ppo_models
 import stages.ppo as ppo
-from pipeline.batches import left_pad
-from pipeline.config import ConfigError, PPOSection, load_config
-from pipeline.engines import PolicyAndValue
-from pipeline.policy_gradient import logprobs_of_tokens
-from pipeline.ppo_experience import Experience
-from pipeline.rollout import position_ids_of
+from pipeline.config.loading import load_config
+from pipeline.config.parsing import ConfigError
+from pipeline.config.schema import PPOSection
+from pipeline.generation.padding import left_pad, position_ids_of
+from pipeline.ppo.experience import Experience
+from pipeline.ppo.models import PolicyAndValue
+from pipeline.rl.logprobs import logprobs_of_tokens
 from tests.helpers import SMOKE
 
 
@@ -130,7 +131,7 @@ def test_a_policy_snapshot_is_written_once_leaving_the_rng_as_it_was(tiny_causal
     from accelerate import Accelerator
 
     from data.tokenizer import load_tokenizer
-    from pipeline.models import load_causal_lm
+    from pipeline.train.models import load_causal_lm
 
     policy, critic, _ = tiny_policy_critic_and_experience()
     accelerator = Accelerator(cpu=True)

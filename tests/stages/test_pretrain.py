@@ -6,8 +6,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from pipeline.checkpoints import COMPLETE_MARKER, read_manifest
-from pipeline.config import PretrainSection, load_config
+from pipeline.config.loading import load_config
+from pipeline.config.schema import PretrainSection
+from pipeline.run.checkpoints import COMPLETE_MARKER
+from pipeline.run.manifests import read_manifest
 from stages.pretrain import batch_indices, learning_rate_at, packed_blocks, run_pretraining
 from tests.helpers import SMOKE, assert_identical_weights, run_and_kill_when, run_stage
 
@@ -144,8 +146,8 @@ def test_torch_compile_trains_as_eager_does_and_saves_plain_weights(tmp_path, mo
 
 def test_torch_compile_under_deepspeed_is_a_config_error(monkeypatch):
     import stages.pretrain
-    from pipeline.config import ConfigError
-    from pipeline.engines import Engine
+    from pipeline.config.parsing import ConfigError
+    from pipeline.train.engines import Engine
 
     monkeypatch.setattr(stages.pretrain, "engine_of", lambda accelerator: Engine("zero3"))
     with pytest.raises(ConfigError, match=r"^pretrain.torch_compile: not supported under DeepSpeed"):

@@ -5,9 +5,12 @@ import pytest
 import torch
 
 from data.formats import PreferencePair, ranked_pairs_from_lists
-from pipeline.checkpoints import COMPLETE_MARKER, read_manifest
-from pipeline.config import load_config
-from reward_model import RewardNormalization, load_reward_model, pairwise_loss
+from pipeline.config.loading import load_config
+from pipeline.run.checkpoints import COMPLETE_MARKER
+from pipeline.run.manifests import read_manifest
+from reward_model.losses import pairwise_loss
+from reward_model.model import load_reward_model
+from reward_model.normalization import RewardNormalization
 from stages.reward import PromptGroupCollator, prompt_groups, run_reward
 from tests.helpers import SMOKE, assert_identical_weights, run_and_kill_when, run_stage
 

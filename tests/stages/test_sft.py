@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from pipeline.checkpoints import COMPLETE_MARKER, read_manifest
-from pipeline.config import load_config
+from pipeline.config.loading import load_config
+from pipeline.run.checkpoints import COMPLETE_MARKER
+from pipeline.run.manifests import read_manifest
 from stages.sft import run_sft
 from tests.helpers import SMOKE, assert_identical_weights, run_and_kill_when, run_stage
 
@@ -22,7 +23,7 @@ def collated_labels(tokenizer, dialogues: list[list[dict]], tmp_path) -> dict:
     """The batch SFTTrainer collates from the stage's own dataset and arguments."""
     from trl import SFTTrainer
 
-    from pipeline.hf_trainer import trainer_arguments, trainer_stage_accelerator
+    from pipeline.train.trainer import trainer_arguments, trainer_stage_accelerator
     from stages.sft import training_dataset
 
     config = load_config(SMOKE, [f"run.output_dir={tmp_path}"])
@@ -73,7 +74,7 @@ def test_end_of_turn_is_learned_when_pad_is_eos(tmp_path):
 def test_a_template_that_cannot_be_masked_stops_before_training(tiny_causal_lm, tmp_path):
     """Mistral v0.3 moves the system message into the last user turn: one line naming the model, no checkpoint."""
     from data.tokenizer import load_tokenizer
-    from pipeline.config import ConfigError
+    from pipeline.config.parsing import ConfigError
 
     model_dir = tmp_path / "mistral-like"
     shutil.copytree(tiny_causal_lm, model_dir)

@@ -1,0 +1,1 @@
+"""The `rlhf` command (run, plan, status, compare, generate, chat) and the GGUF conversion tool."""

@@ -1,0 +1,5 @@
+"""`python -m pipeline.cli` is the `rlhf` command."""
+
+from pipeline.cli.main import main
+
+main()

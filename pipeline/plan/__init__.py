@@ -1,0 +1,1 @@
+"""`rlhf plan`: each stage's memory predicted from the config and the model's shape, before anything runs."""

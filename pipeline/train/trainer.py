@@ -1,0 +1,120 @@
+"""What the two stages built on HF's Trainer (SFT and reward) share: their arguments from the config, a
+callback that marks checkpoints complete and writes metrics.jsonl, and training with resume."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import Trainer, TrainerCallback
+
+from pipeline.config.parsing import ConfigError
+from pipeline.config.schema import TRAINER_EXTRAS, PipelineConfig, trainer_arguments_class
+from pipeline.run.checkpoints import checkpoint_step, mark_checkpoint_complete, prune_checkpoints
+from pipeline.run.manifests import MetricsLog, write_manifest
+from pipeline.run.start import StageStart
+from pipeline.train.engine_launch import (
+    EngineRecord, engine_accelerator, require_launched_engine, trainer_engine_arguments)
+from pipeline.train.engines import engine_of
+from pipeline.train.guards import fault_point, finite_on_every_process
+from pipeline.train.precision import bf16_enabled
+
+# Timing figures differ between two runs of the same config; metrics.jsonl keeps only what training computed.
+TIMING_KEYS = ("runtime", "per_second", "total_flos")
+
+
+def is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_local_main_process
+
+
+def trainer_stage_accelerator(config: PipelineConfig, stage: str) -> tuple[Accelerator, EngineRecord]:
+    """The Accelerator of the launched engine, built before the Trainer so that the Trainer runs on its state
+    (`trainer_arguments`), and what it runs on; a ConfigError when that is not what the launch asked for."""
+    mixed_precision = "bf16" if bf16_enabled(getattr(config, stage).get("bf16")) else "no"
+    accelerator = engine_accelerator(mixed_precision)
+    return accelerator, require_launched_engine(accelerator, mixed_precision, stage)
+
+
+def trainer_arguments(config: PipelineConfig, stage: str, stage_dir: Path, has_eval: bool, accelerator: Accelerator,
+                      **fixed: Any):
+    """SFTConfig / RewardConfig from the stage's section: the user's fields plus what the run directory and the
+    stage's Accelerator (its engine, trainer_stage_accelerator) decide."""
+    section = {k: v for k, v in getattr(config, stage).items() if k not in TRAINER_EXTRAS[stage]}
+    section.setdefault("logging_steps", 10)
+    arguments = {
+        **section,
+        "output_dir": str(stage_dir), "seed": config.run.seed, "data_seed": config.run.seed,
+        "save_strategy": "steps", "save_total_limit": None,  # pruning is ours: only after the marker is written
+        "eval_strategy": section.get("eval_strategy", "steps") if has_eval else "no",
+        "bf16": bf16_enabled(section.get("bf16")),
+        "dataloader_num_workers": 0, "dataloader_pin_memory": torch.cuda.is_available(),
+        "disable_tqdm": not is_main_process(), **trainer_engine_arguments(accelerator), **fixed,
+    }
+    arguments = trainer_arguments_class(stage)(**arguments)
+    if engine_of(accelerator).deepspeed:
+        # TrainingArguments builds a DeepSpeed plugin of its own from the launcher's environment, which a Trainer
+        # on the configured state must not pass on; the state's plugin is registered again as transformers'
+        # global DeepSpeed config (what makes from_pretrained build ZeRO-3 models partitioned).
+        arguments.deepspeed_plugin = None
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+    return arguments
+
+
+class PipelineCallback(TrainerCallback):
+    """Completion markers after each save, pruning, metrics.jsonl, and a clear stop on a NaN loss."""
+
+    def __init__(self, stage_dir: Path, keep_last: int, metrics_log: MetricsLog):
+        self.stage_dir, self.keep_last, self.metrics_log = Path(stage_dir), keep_last, metrics_log
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        fault_point("update", self.stage_dir.name, state.global_step, model)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        # Every process checks its shard and all agree, so all stop together. The checkpoint stays unmarked.
+        if model is not None and not finite_on_every_process(model):
+            raise FloatingPointError(f"{self.stage_dir.name}: weights became NaN/inf before step {state.global_step}; "
+                                     f"the last good checkpoint is kept (lower the learning rate and resume)")
+        if state.is_world_process_zero:
+            mark_checkpoint_complete(self.stage_dir / f"checkpoint-{state.global_step}", state.global_step)
+            prune_checkpoints(self.stage_dir, self.keep_last)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = {k: v for k, v in (logs or {}).items()
+                if isinstance(v, (int, float)) and not any(t in k for t in TIMING_KEYS)}
+        loss = logs.get("loss", logs.get("eval_loss"))
+        if loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(f"{self.stage_dir.name}: loss became {loss} at step {state.global_step}; the "
+                                     f"last good checkpoint is kept (lower the learning rate and resume)")
+        if state.is_world_process_zero and logs:
+            self.metrics_log.write(state.global_step, logs)
+
+
+def train_with_resume(trainer: Trainer, start: StageStart, config: PipelineConfig, stage: str,
+                      input_checkpoint: str, engine: EngineRecord) -> float:
+    """Train from the newest complete checkpoint if there is one; return the wall time of this run."""
+    resume = str(start.resume_from) if start.resume_from is not None else None
+    trainer_engine = engine_of(trainer.accelerator).name, trainer.accelerator.num_processes
+    if trainer_engine != (engine.engine, engine.processes):
+        raise ConfigError(f"{stage}: the Trainer runs {trainer_engine[0]} on {trainer_engine[1]} process(es), not the "
+                          f"launched {engine.describe()}; nothing was trained")
+    if trainer.is_world_process_zero():
+        start.stage_dir.mkdir(parents=True, exist_ok=True)
+        write_manifest(start.stage_dir, stage=stage, status="running", input_checkpoint=input_checkpoint,
+                       max_steps=trainer.args.max_steps, engine=engine.as_manifest(), **start.identity)
+    if resume:
+        print(f"[{stage}] resuming from {resume} (step {checkpoint_step(start.resume_from)})", flush=True)
+    began = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    return time.time() - began
+
+
+def metrics_log_for(start: StageStart, is_main: bool, name: str = "metrics.jsonl") -> MetricsLog:
+    """A jsonl log in the stage directory, cut back to the checkpoint the stage resumes from."""
+    resume_step = checkpoint_step(start.resume_from) if start.resume_from is not None else None
+    return MetricsLog(start.stage_dir / name, resume_step, enabled=is_main)
