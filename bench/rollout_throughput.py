@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.generation.padding import left_pad
+from pipeline.generation.padding import pad_sequences
 from pipeline.generation.sampling import cut_at_first_eos, decode_from_pi, generate_with_config, sampling_config
 
 
@@ -55,7 +55,7 @@ def random_prompts(arguments: argparse.Namespace) -> tuple[torch.Tensor, torch.T
     lengths = torch.randint(arguments.prompt_length - 6, arguments.prompt_length + 7, (arguments.batch,),
                             generator=generator)
     prompts = [torch.randint(2, arguments.vocab_size, (int(n),), generator=generator).tolist() for n in lengths]
-    queries, query_mask = left_pad(prompts, 0)
+    queries, query_mask = pad_sequences(prompts, 0, "left")
     return queries.to(arguments.device), query_mask.to(arguments.device)
 
 

@@ -68,6 +68,18 @@ SPLITS = ("pretrain_train", "pretrain_eval", "sft_train", "sft_eval", "ranked_tr
           "eval_prompts")
 
 
+def builtin_task_files(config: BuiltinTaskConfig, out_dir: Path) -> Path:
+    """The task's files in `out_dir`, written by the main process while the others wait: every process of a
+    multi-process launch reads them next. Returns `out_dir`."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        write_builtin_task(config, out_dir)
+    state.wait_for_everyone()
+    return Path(out_dir)
+
+
 def write_builtin_task(config: BuiltinTaskConfig, out_dir: Path) -> dict[str, Path]:
     """Write the task's jsonl files and return {split: path}. An existing set whose task_manifest.json matches the
     config is kept as it is; each file is written to a temporary name and renamed, so none is ever half written."""

@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 
 from data.formats import prompt_response_ids
 from data.tokenizer import load_tokenizer
-from pipeline.generation.padding import prompt_response_batch, right_padded
+from pipeline.generation.padding import last_real_positions, pad_sequences, position_ids_of, prompt_response_batch
 
 
 def load_reward_model(name_or_path: str | Path, trust_remote_code: bool = False
@@ -48,11 +48,10 @@ def require_same_vocabulary(policy_tokenizer: PreTrainedTokenizerBase, reward_to
 def score_token_ids(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scores [B] of tokenized prompt+response sequences, left or right padded: the head's output at the last
     position the mask keeps (the EOS), with positions counted over real tokens so left padding changes nothing."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = position_ids_of(attention_mask)
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    last = (attention_mask * positions).argmax(-1)
+    last = last_real_positions(attention_mask)
     return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
 
 
@@ -67,8 +66,7 @@ def classifier_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         hook.remove()
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    last = (attention_mask * positions).argmax(-1)
+    last = last_real_positions(attention_mask)
     return per_position[-1][torch.arange(len(last), device=last.device), last].squeeze(-1).float()
 
 
@@ -82,7 +80,7 @@ def score_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    scores = [score_token_ids(model, *right_padded(encoded[start: start + batch_size], tokenizer.pad_token_id, device))
+    scores = [score_token_ids(model, *pad_sequences(encoded[start: start + batch_size], tokenizer.pad_token_id, "right", device=device))
               for start in range(0, len(encoded), batch_size)]
     model.train(was_training)
     return torch.cat(scores).cpu() if scores else torch.zeros(0)

@@ -32,14 +32,14 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
-from data.builtin_datasets import write_builtin_task
-from data.formats import prompts_from_rows
+from data.builtin_datasets import builtin_task_files
+from data.formats import prompt_token_ids, prompts_from_rows
 from data.gold_judge import gold_score
 from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer
 from pipeline.config.parsing import ConfigError
 from pipeline.config.schema import PipelineConfig, PPOSection
-from pipeline.generation.padding import left_pad
+from pipeline.generation.padding import pad_sequences
 from pipeline.ppo.experience import Experience, generate_rollout, score_rollout
 from pipeline.ppo.models import (
     PolicyAndValue, build_critic, build_policy, policy_context_length, prepare_ppo_models, response_logits_and_values)
@@ -62,13 +62,10 @@ STAGE = "ppo"
 
 
 # ---------------------------------------------------------------- data
-def prompt_conversations(config: PipelineConfig, accelerator: Accelerator) -> tuple[list[list[dict]], bool]:
+def prompt_conversations(config: PipelineConfig) -> tuple[list[list[dict]], bool]:
     """Prompts to optimise on, as message lists, and whether they come from the built-in task (gold judge)."""
     if config.data.ppo is None:
-        data_dir = config.run_dir / "data"
-        if accelerator.is_main_process:
-            write_builtin_task(config.data.builtin, data_dir)
-        accelerator.wait_for_everyone()
+        data_dir = builtin_task_files(config.data.builtin, config.run_dir / "data")
         rows = read_rows(data_dir / "ppo_prompts.jsonl")
         return prompts_from_rows(rows, str(data_dir / "ppo_prompts.jsonl"), config.data.on_bad_rows), True
     rows, _ = load_source(config.data.ppo, "data.ppo", config.run.seed)
@@ -77,8 +74,7 @@ def prompt_conversations(config: PipelineConfig, accelerator: Accelerator) -> tu
 
 def encode_prompts(conversations: list[list[dict]], tokenizer, max_prompt_tokens: int) -> list[list[int]]:
     """Token ids of each prompt with the generation prompt; a prompt too long for the context names its row."""
-    encoded = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-               for c in conversations]
+    encoded = [prompt_token_ids(tokenizer, conversation) for conversation in conversations]
     too_long = [i + 1 for i, ids in enumerate(encoded) if len(ids) > max_prompt_tokens]
     if too_long:
         raise ConfigError(f"ppo.response_length: prompt row {too_long[0]} has more than {max_prompt_tokens} tokens, "
@@ -206,7 +202,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
                f"reward model {reward_path}")
 
     tokenizer = load_tokenizer(policy_path, config.model.trust_remote_code)
-    conversations, builtin = prompt_conversations(config, accelerator)
+    conversations, builtin = prompt_conversations(config)
     context_limit = policy_context_length(policy_path, config)
     prompts = encode_prompts(conversations, tokenizer, context_limit - settings.response_length)
     prompt_texts = [c[-1]["content"] for c in conversations]
@@ -237,7 +233,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False) -> Path:
         fault_point("step", STAGE, step)
         indices = prompt_indices(step, settings, len(prompts), config.run.seed, accelerator.process_index,
                                  accelerator.num_processes)
-        queries, query_mask = left_pad([prompts[i] for i in indices], tokenizer.pad_token_id)
+        queries, query_mask = pad_sequences([prompts[i] for i in indices], tokenizer.pad_token_id, "left")
         queries, query_mask = queries.to(accelerator.device), query_mask.to(accelerator.device)
         model.eval()
         rollout = generate_rollout(model, tokenizer, queries, query_mask, settings, accelerator)

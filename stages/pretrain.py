@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from data.builtin_datasets import write_builtin_task
+from data.builtin_datasets import builtin_task_files
 from data.loading import load_source, read_rows, texts_from_rows
 from data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from pipeline.config.parsing import ConfigError
@@ -32,19 +32,17 @@ from pipeline.train.entry import run_stage_main, seed_everything
 from pipeline.train.final_save import full_state_dict, model_holding, save_final_model
 from pipeline.train.guards import fault_point, require_finite_gradient_norms, require_finite_weights
 from pipeline.train.models import (
+    weight_decay_groups, 
     attention_for_precision, build_llama_from_config, count_parameters, load_causal_lm, save_hf_model)
 
 STAGE = "pretrain"
 
 
 # ---------------------------------------------------------------- data
-def corpus_texts(config: PipelineConfig, accelerator: Accelerator) -> tuple[list[str], list[str]]:
+def corpus_texts(config: PipelineConfig) -> tuple[list[str], list[str]]:
     """(train, eval) texts: the built-in stories, or a text-format dataset from the config."""
     if config.data.pretrain is None:
-        data_dir = config.run_dir / "data"
-        if accelerator.is_main_process:
-            write_builtin_task(config.data.builtin, data_dir)
-        accelerator.wait_for_everyone()
+        data_dir = builtin_task_files(config.data.builtin, config.run_dir / "data")
         return ([row["text"] for row in read_rows(data_dir / "pretrain_train.jsonl")],
                 [row["text"] for row in read_rows(data_dir / "pretrain_eval.jsonl")])
     train_rows, eval_rows = load_source(config.data.pretrain, "data.pretrain", config.run.seed)
@@ -137,7 +135,7 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
     loop.print(f"run {config.run_dir} on {accelerator.num_processes} process(es), {accelerator.device}, "
                f"{accelerator.mixed_precision}, engine {engine_of(accelerator).name}")
 
-    train_texts, eval_texts = corpus_texts(config, accelerator)
+    train_texts, eval_texts = corpus_texts(config)
     tokenizer = prepare_tokenizer(config, train_texts, accelerator)
     train_blocks = packed_blocks(train_texts, tokenizer, settings.seq_length)
     eval_blocks = packed_blocks(eval_texts, tokenizer, settings.seq_length)
@@ -147,11 +145,8 @@ def run_pretraining(config: PipelineConfig, restart: bool = False) -> Path:
     else:
         model = build_llama_from_config(config.model, tokenizer, config.run.seed)
     attention_for_precision(model, accelerator.mixed_precision == "bf16", accelerator.device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.learning_rate, betas=(settings.adam_beta1, settings.adam_beta2))
+    optimizer = torch.optim.AdamW(weight_decay_groups(model.parameters(), settings.weight_decay),
+                                  lr=settings.learning_rate, betas=(settings.adam_beta1, settings.adam_beta2))
     configure_deepspeed(accelerator, settings.per_device_train_batch_size, settings.gradient_accumulation_steps,
                         settings.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)

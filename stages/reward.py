@@ -43,11 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 from datasets import Dataset
 from trl import RewardTrainer
 
-from data.builtin_datasets import write_builtin_task
+from data.builtin_datasets import builtin_task_files
 from data.formats import (
     Messages, PreferencePair, converted_splits, ids_of_responses, preference_pairs_from_rows, prompt_token_ids,
     prompts_from_rows)
@@ -55,15 +54,12 @@ from data.gold_judge import gold_score
 from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer
 from pipeline.config.schema import PipelineConfig
-from pipeline.generation.padding import right_padded
+from pipeline.generation.padding import pad_sequences
 from pipeline.generation.sampling import sample_token_ids, sampling_config
-from pipeline.run.manifests import write_manifest
-from pipeline.run.start import plan_stage_start
 from pipeline.train.entry import run_stage_main, seed_everything, stage_input_model
 from pipeline.train.final_save import save_final_model, zero3_init_lifted
 from pipeline.train.models import attention_for_precision, load_causal_lm
-from pipeline.train.trainer import (
-    PipelineCallback, metrics_log_for, train_with_resume, trainer_arguments, trainer_stage_accelerator)
+from pipeline.train.trainer import TrainerStage
 from reward_model.calibration import preference_calibration
 from reward_model.losses import pairwise_accuracy, pairwise_loss
 from reward_model.model import classifier_scores, load_reward_model, reward_scores, score_responses
@@ -78,10 +74,7 @@ def preference_splits(config: PipelineConfig, tokenizer) -> tuple[list[Preferenc
     convert = partial(preference_pairs_from_rows, tokenizer=tokenizer, max_length=config.reward.get("max_length"))
     if config.data.reward is not None:
         return converted_splits(config.data.reward, "data.reward", config.run.seed, config.data.on_bad_rows, convert)
-    state, data_dir = PartialState(), config.run_dir / "data"
-    if state.is_main_process:
-        write_builtin_task(config.data.builtin, data_dir)
-    state.wait_for_everyone()
+    data_dir = builtin_task_files(config.data.builtin, config.run_dir / "data")
     return tuple(convert(read_rows(path), str(path), config.data.on_bad_rows)
                  for path in (data_dir / "ranked_train.jsonl", data_dir / "ranked_eval.jsonl"))
 
@@ -117,7 +110,7 @@ class PromptGroupCollator:
             worse += [offset + i for i in example["worse"]]
             margin += example["margin"]
             weight += [1 / pairs / len(examples)] * pairs
-        input_ids, attention_mask = right_padded(sequences, self.pad_token_id)
+        input_ids, attention_mask = pad_sequences(sequences, self.pad_token_id, "right")
         return {"input_ids": input_ids, "attention_mask": attention_mask, "better": torch.tensor(better),
                 "worse": torch.tensor(worse), "margin": torch.tensor(margin), "pair_weight": torch.tensor(weight)}
 
@@ -220,21 +213,17 @@ def normalization_from_policy_samples(config: PipelineConfig, policy_path: str, 
 # ---------------------------------------------------------------- the stage
 def run_reward(config: PipelineConfig, restart: bool = False) -> Path:
     """Train the reward model; return the directory of the final checkpoint."""
-    accelerator, engine = trainer_stage_accelerator(config, STAGE)  # before anything is written
-    state = PartialState()
-    start = plan_stage_start(config, STAGE, restart, state.is_main_process)
-    if start.already_finished:
-        print(f"[reward] already finished: {start.stage_dir / 'final'}")
-        return start.stage_dir / "final"
+    stage = TrainerStage(config, STAGE, restart)  # the launched engine, or a one-line error, before any write
+    if stage.already_finished:
+        return stage.final_dir
     seed_everything(config.run.seed)  # the new head's initial weights come from torch's generator
     section = config.reward
     input_model = stage_input_model(config, STAGE)
     tokenizer = load_tokenizer(input_model, config.model.trust_remote_code)
     train_pairs, eval_pairs = preference_splits(config, tokenizer)
     train, evaluation = (prompt_groups(pairs, tokenizer, section["margin"]) for pairs in (train_pairs, eval_pairs))
-    if state.is_main_process:
-        print(f"[reward] {len(train_pairs)} pairs from {len(train)} prompts, {len(eval_pairs)} held-out pairs from "
-              f"{len(evaluation)} prompts; from {input_model}")
+    stage.print(f"{len(train_pairs)} pairs from {len(train)} prompts, {len(eval_pairs)} held-out pairs from "
+                f"{len(evaluation)} prompts; from {input_model}")
 
     model, _ = load_reward_model(input_model, config.model.trust_remote_code)
     peft_config = None
@@ -242,20 +231,19 @@ def run_reward(config: PipelineConfig, restart: bool = False) -> Path:
         from peft import LoraConfig
 
         peft_config = LoraConfig(**section["peft"], task_type="SEQ_CLS")  # SEQ_CLS also trains the new head
-    arguments = trainer_arguments(config, STAGE, start.stage_dir, has_eval=bool(evaluation), accelerator=accelerator,
-                                  remove_unused_columns=False)
+    arguments = stage.arguments(has_eval=bool(evaluation), remove_unused_columns=False)
     attention_for_precision(model, arguments.bf16, arguments.device)
-    metrics_log = metrics_log_for(start, state.is_main_process)
     trainer = PromptGroupedRewardTrainer(
         model=model, args=arguments, train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(evaluation) if evaluation else None, processing_class=tokenizer,
         data_collator=PromptGroupCollator(tokenizer.pad_token_id), peft_config=peft_config,
-        callbacks=[PipelineCallback(start.stage_dir, config.run.keep_last_checkpoints, metrics_log)])
-    wall_time = train_with_resume(trainer, start, config, STAGE, input_model, engine)
+        callbacks=stage.callbacks())
+    stage.train(trainer, input_model)
 
-    final_dir = start.stage_dir / "final"
+    final_dir = stage.final_dir
     # The DeepSpeed engine (model_wrapped) is what gathers ZeRO-3's partitions; a LoRA adapter is merged.
     save_final_model(trainer.accelerator, trainer.model_wrapped, tokenizer, final_dir)
+    manifest = {}
     if trainer.is_world_process_zero():
         # Measured on the saved weights, as loaded by PPO and the report, by this process alone: under ZeRO-3
         # transformers would build the models partitioned, a collective the other processes are not in.
@@ -265,16 +253,12 @@ def run_reward(config: PipelineConfig, restart: bool = False) -> Path:
             normalization = normalization_from_policy_samples(config, input_model, saved, tokenizer,
                                                               normalization_prompts(config, eval_pairs))
         normalization.save(final_dir)
-        write_manifest(start.stage_dir, status="finished", steps=trainer.state.global_step,
-                       wall_time_s=round(wall_time, 1), train_pairs=len(train_pairs), train_prompts=len(train),
-                       metrics=metrics, normalization={"mean": normalization.mean, "std": normalization.std})
+        manifest = {"train_pairs": len(train_pairs), "train_prompts": len(train), "metrics": metrics,
+                    "normalization": {"mean": normalization.mean, "std": normalization.std}}
         gold = f", {metrics['eval_gold_accuracy']:.3f} vs the gold judge" if "eval_gold_accuracy" in metrics else ""
         if metrics:
-            print(f"[reward] held-out pairwise accuracy {metrics['eval_accuracy']:.3f} vs the annotator{gold}")
-    trainer.accelerator.wait_for_everyone()
-    if state.is_main_process:
-        print(f"[reward] done: {final_dir}")
-    return final_dir
+            stage.print(f"held-out pairwise accuracy {metrics['eval_accuracy']:.3f} vs the annotator{gold}")
+    return stage.finish(trainer, **manifest)
 
 
 def main(argv: list[str] | None = None) -> None:

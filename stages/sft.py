@@ -29,27 +29,26 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from tqdm.auto import tqdm
+
 from data.assistant_masks import UnmaskableTemplate, assistant_token_mask
-from data.builtin_datasets import write_builtin_task
+from data.builtin_datasets import builtin_task_files
 from data.formats import converted_splits, dialogues_from_rows
 from data.loading import read_rows
 from data.tokenizer import load_tokenizer
 from pipeline.config.parsing import ConfigError
 from pipeline.config.schema import PipelineConfig
 from pipeline.generation.sampling import generate_with_config, sampling_config
-from pipeline.run.manifests import MetricsLog, write_manifest
-from pipeline.run.start import plan_stage_start
+from pipeline.run.manifests import MetricsLog
 from pipeline.train.engines import engine_of
 from pipeline.train.entry import run_stage_main, seed_everything, stage_input_model
 from pipeline.train.final_save import save_final_model
 from pipeline.train.models import attention_for_precision, count_parameters, load_causal_lm
-from pipeline.train.trainer import (
-    PipelineCallback, metrics_log_for, train_with_resume, trainer_arguments, trainer_stage_accelerator)
+from pipeline.train.trainer import TrainerStage
 
 STAGE = "sft"
 SAMPLE_TOKENS = 64  # new tokens per sample answer at evaluation
@@ -61,10 +60,7 @@ def dialogue_splits(config: PipelineConfig, tokenizer) -> tuple[list[dict], list
     convert = partial(dialogues_from_rows, tokenizer=tokenizer, max_length=config.sft.get("max_length"))
     if config.data.sft is not None:
         return converted_splits(config.data.sft, "data.sft", config.run.seed, config.data.on_bad_rows, convert)
-    state, data_dir = PartialState(), config.run_dir / "data"
-    if state.is_main_process:
-        write_builtin_task(config.data.builtin, data_dir)
-    state.wait_for_everyone()
+    data_dir = builtin_task_files(config.data.builtin, config.run_dir / "data")
     return tuple(convert(read_rows(path), str(path), config.data.on_bad_rows)
                  for path in (data_dir / "sft_train.jsonl", data_dir / "sft_eval.jsonl"))
 
@@ -106,7 +102,7 @@ class SampleAnswers(TrainerCallback):
             output = generate_with_config(model, ids["input_ids"], ids["attention_mask"], greedy)
             answer = self.tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
             samples.append({"prompt": prompt[-1]["content"], "response": answer})
-            print(f"[sft] step {state.global_step} sample: {prompt[-1]['content'][-70:]!r} -> {answer!r}", flush=True)
+            tqdm.write(f"[sft] step {state.global_step} sample: {prompt[-1]['content'][-70:]!r} -> {answer!r}")
         self.metrics_log.write(state.global_step, {"samples": samples})
         model.train(was_training)
 
@@ -114,12 +110,9 @@ class SampleAnswers(TrainerCallback):
 # ---------------------------------------------------------------- the stage
 def run_sft(config: PipelineConfig, restart: bool = False) -> Path:
     """Fine-tune the input model on dialogues; return the directory of the final model."""
-    accelerator, engine = trainer_stage_accelerator(config, STAGE)  # before anything is written
-    state = PartialState()
-    start = plan_stage_start(config, STAGE, restart, state.is_main_process)
-    if start.already_finished:
-        print(f"[sft] already finished: {start.stage_dir / 'final'}")
-        return start.stage_dir / "final"
+    stage = TrainerStage(config, STAGE, restart)  # the launched engine, or a one-line error, before any write
+    if stage.already_finished:
+        return stage.final_dir
     seed_everything(config.run.seed)  # LoRA's initial weights come from torch's generator
     section = config.sft
     input_model = stage_input_model(config, STAGE)
@@ -129,8 +122,7 @@ def run_sft(config: PipelineConfig, restart: bool = False) -> Path:
     train, evaluation = dialogue_splits(config, tokenizer)
     train_dataset, eval_dataset = (training_dataset(dialogues, tokenizer, section["assistant_only_loss"], input_model)
                                    for dialogues in (train, evaluation))
-    if state.is_main_process:
-        print(f"[sft] {len(train)} dialogues, {len(evaluation)} held out; from {input_model}")
+    stage.print(f"{len(train)} dialogues, {len(evaluation)} held out; from {input_model}")
 
     model = load_causal_lm(input_model, tokenizer, config.model.trust_remote_code)
     peft_config = None
@@ -140,39 +132,33 @@ def run_sft(config: PipelineConfig, restart: bool = False) -> Path:
         peft_config = LoraConfig(**section["peft"], task_type="CAUSAL_LM")
     # The masks are in the data already: TRL's own assistant_only_loss would re-template, and refuse templates
     # without {% generation %} markers.
-    arguments = trainer_arguments(config, STAGE, start.stage_dir, has_eval=bool(evaluation), accelerator=accelerator,
-                                  assistant_only_loss=False)
+    arguments = stage.arguments(has_eval=bool(evaluation), assistant_only_loss=False)
     attention_for_precision(model, arguments.bf16, arguments.device)
-    metrics_log = metrics_log_for(start, state.is_main_process)
     sample_prompts = [dialogue["messages"][:-1] for dialogue in evaluation[: section["sample_prompts"]]]
     trainer = SFTTrainer(
         model=model, args=arguments, train_dataset=train_dataset,
         eval_dataset=eval_dataset if evaluation else None, processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[PipelineCallback(start.stage_dir, config.run.keep_last_checkpoints, metrics_log),
-                   SampleAnswers(tokenizer, sample_prompts, metrics_log, engine_of(accelerator).shards_weights)])
-    wall_time = train_with_resume(trainer, start, config, STAGE, input_model, engine)
+        callbacks=stage.callbacks(SampleAnswers(tokenizer, sample_prompts, stage.metrics_log,
+                                                engine_of(stage.accelerator).shards_weights)))
+    stage.train(trainer, input_model)
 
-    final_dir = start.stage_dir / "final"
     # The DeepSpeed engine (model_wrapped) is what gathers ZeRO-3's partitions.
-    save_final_model(trainer.accelerator, trainer.model_wrapped, tokenizer, final_dir,
+    save_final_model(trainer.accelerator, trainer.model_wrapped, tokenizer, stage.final_dir,
                      adapter_only=peft_config is not None and section["save_adapter_only"])
+    manifest = {}
     if trainer.is_world_process_zero():
         trained = trainer.accelerator.unwrap_model(trainer.model)
-        sizes = {"parameters": count_parameters(trained),
-                 "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trained.parameters()
-                                             if p.requires_grad)}
-        history = metrics_log.read()
+        history = stage.metrics_log.read()
         losses = [m["loss"] for m in history if "loss" in m]
         evals = [m["eval_loss"] for m in history if "eval_loss" in m]
-        write_manifest(start.stage_dir, status="finished", steps=trainer.state.global_step,
-                       wall_time_s=round(wall_time, 1), train_dialogues=len(train), eval_dialogues=len(evaluation),
-                       **sizes,
-                       metrics={"train_loss": losses[-1] if losses else None, "eval_loss": evals[-1] if evals else None})
-    trainer.accelerator.wait_for_everyone()
-    if state.is_main_process:
-        print(f"[sft] done: {final_dir}")
-    return final_dir
+        manifest = {"train_dialogues": len(train), "eval_dialogues": len(evaluation),
+                    "parameters": count_parameters(trained),
+                    "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trained.parameters()
+                                                if p.requires_grad),
+                    "metrics": {"train_loss": losses[-1] if losses else None,
+                                "eval_loss": evals[-1] if evals else None}}
+    return stage.finish(trainer, **manifest)
 
 
 def main(argv: list[str] | None = None) -> None:

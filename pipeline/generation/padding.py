@@ -3,18 +3,23 @@ responses right-padded, positions counted over real tokens, and the last real to
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 
-def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask of sequences padded on the left to the longest."""
+def pad_sequences(sequences: list[list[int]], pad_token_id: int, side: Literal["left", "right"],
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids, attention mask) of token id lists padded to the longest: on the left for prompts (each ends
+    where generation starts), on the right for responses and whole sequences."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, sequence in enumerate(sequences):
-        ids[row, width - len(sequence):] = torch.tensor(sequence, dtype=torch.long)
-        mask[row, width - len(sequence):] = 1
-    return ids, mask
+        columns = slice(width - len(sequence), width) if side == "left" else slice(0, len(sequence))
+        ids[row, columns] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, columns] = 1
+    return ids.to(device), mask.to(device)
 
 
 def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -22,22 +27,17 @@ def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def last_real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The index of each row's last position the mask keeps (where a sequence-level score is read), left or right
+    padded alike."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask * positions).argmax(-1)
+
+
 def prompt_response_batch(prompts: list[list[int]], responses: list[list[int]], pad_token_id: int
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sequences, attention_mask, response mask) laid out as PPO lays out a rollout: prompts left-padded so that
     every response starts in the same column, responses right-padded."""
-    queries, query_mask = left_pad(prompts, pad_token_id)
-    answers, answer_mask = right_padded(responses, pad_token_id)
+    queries, query_mask = pad_sequences(prompts, pad_token_id, "left")
+    answers, answer_mask = pad_sequences(responses, pad_token_id, "right")
     return torch.cat([queries, answers], 1), torch.cat([query_mask, answer_mask], 1), answer_mask.bool()
-
-
-def right_padded(sequences: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu"
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of token id lists padded on the right to the longest."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        attention_mask[row, : len(sequence)] = 1
-    return input_ids.to(device), attention_mask.to(device)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
-from pipeline.generation.padding import left_pad, position_ids_of
+from pipeline.generation.padding import pad_sequences, position_ids_of
 from pipeline.rl.masked import response_mask
 
 
@@ -229,7 +229,7 @@ def sample_token_ids(model, prompts: list[list[int]], config: GenerationConfig, 
     responses = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=description, disable=description is None,
                       leave=False):
-        queries, query_mask = left_pad(prompts[start: start + batch_size], config.pad_token_id)
+        queries, query_mask = pad_sequences(prompts[start: start + batch_size], config.pad_token_id, "left")
         ids, mask = sample_batch(model, queries.to(device), query_mask.to(device), config, batch_size)
         responses += [row[: int(valid.sum())].tolist() for row, valid in zip(ids.cpu(), mask.cpu())]
     return responses

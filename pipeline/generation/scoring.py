@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.generation.padding import position_ids_of, prompt_response_batch
+from pipeline.rl.masked import masked_sum
 from pipeline.rl.logprobs import logprobs_of_tokens
 
 
@@ -40,5 +41,5 @@ def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]
         context_length = sequences.shape[1] - mask.shape[1]
         logits = response_logits(model, sequences, attention_mask, context_length)
         logprobs = logprobs_of_tokens(logits, sequences[:, context_length:], temperature)
-        totals += logprobs.masked_fill(~mask, 0.0).sum(1).tolist()
+        totals += masked_sum(logprobs, mask, dim=1).tolist()
     return totals

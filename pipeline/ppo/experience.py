@@ -16,7 +16,7 @@ from pipeline.generation.sampling import sample_batch, sampling_config
 from pipeline.ppo.models import PolicyAndValue, RewardScorer, scoring_forwards
 from pipeline.rl.advantages import gae_advantages, per_token_rewards
 from pipeline.rl.kl import kl_per_token
-from pipeline.rl.masked import masked_mean, masked_whiten, response_mask
+from pipeline.rl.masked import masked_sum, masked_mean, masked_whiten, response_mask
 from pipeline.train.engines import policy_for_generation
 
 
@@ -87,8 +87,8 @@ def score_rollout(rollout: Rollout, model: PolicyAndValue, reference, reward_sco
     advantages, returns = gae_advantages(rewards, values, mask, settings.gamma, settings.lam)
     advantages = masked_whiten(advantages, mask, sum_over_processes=over_processes)
 
-    k1 = (logprobs - ref_logprobs).masked_fill(~mask, 0.0).sum(1)
-    k3 = kl_per_token(logprobs, ref_logprobs, "k3").masked_fill(~mask, 0.0).sum(1)
+    k1 = masked_sum(logprobs - ref_logprobs, mask, dim=1)
+    k3 = masked_sum(kl_per_token(logprobs, ref_logprobs, "k3"), mask, dim=1)
     statistics = {
         "objective/scores": scores.mean(), "objective/raw_scores": raw_scores.mean(),
         "objective/kl": k1.mean(), "objective/kl_k3": k3.mean(),

@@ -23,7 +23,7 @@ from pipeline.generation.padding import position_ids_of
 from pipeline.generation.scoring import predicting_positions, response_logits
 from pipeline.rl.logprobs import logprobs_and_entropy, logprobs_of_tokens
 from pipeline.train.engines import configure_deepspeed, gathered_if_partitioned, place_frozen_model
-from pipeline.train.models import attention_for_precision, load_causal_lm, with_lora_adapter
+from pipeline.train.models import weight_decay_groups, attention_for_precision, load_causal_lm, with_lora_adapter
 from reward_model.model import score_token_ids
 from reward_model.normalization import RewardNormalization
 
@@ -108,9 +108,7 @@ def build_optimizer(model: PolicyAndValue, settings: PPOSection) -> torch.optim.
     keep their scale, as TRL leaves them out of decay."""
     groups = []
     for part, peak in ((model.policy, settings.learning_rate), (model.value_model, settings.value_learning_rate)):
-        trainable = [p for p in part.parameters() if p.requires_grad]
-        groups += [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": settings.weight_decay},
-                   {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+        groups += weight_decay_groups((p for p in part.parameters() if p.requires_grad), settings.weight_decay)
         for group in groups[-2:]:
             group.update(lr=peak, peak_lr=peak)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.learning_rate, eps=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import logging
 import re
 import warnings
@@ -121,3 +123,11 @@ def quiet_library_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     # A module-level filter: adding it again (every stage calls this) does not add it twice.
     logging.getLogger("accelerate.utils.other").addFilter(keep_unless_tied_output_embedding_notice)
+
+
+def weight_decay_groups(parameters: Iterable[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """AdamW parameter groups that decay weight matrices only: biases and norm gains keep their scale (GPT-2's
+    and TRL's practice). Either group may be empty."""
+    parameters = list(parameters)
+    return [{"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}]

@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file
 
 from data.formats import prompt_response_ids
-from pipeline.generation.padding import right_padded
+from pipeline.generation.padding import pad_sequences
 from reward_model.calibration import preference_calibration
 from reward_model.losses import pairwise_accuracy, pairwise_loss
 from reward_model.model import classifier_scores, load_reward_model, score_responses, score_token_ids
@@ -23,7 +23,7 @@ def test_scores_read_the_eos_whatever_the_padding_side(tiny_causal_lm):
     model.eval()
     sequences = [prompt_response_ids(tokenizer, "Hi", "Sure! Mia had a red kite."), prompt_response_ids(tokenizer, "Hi", "No.")]
     width = max(map(len, sequences))
-    right, right_mask = right_padded(sequences, tokenizer.pad_token_id)
+    right, right_mask = pad_sequences(sequences, tokenizer.pad_token_id, "right")
     left = torch.stack([torch.tensor([tokenizer.pad_token_id] * (width - len(s)) + s) for s in sequences])
     left_mask = torch.stack([torch.tensor([0] * (width - len(s)) + [1] * len(s)) for s in sequences])
     with torch.no_grad():
@@ -47,7 +47,7 @@ def test_training_scores_read_the_eos_when_pad_is_eos(tiny_causal_lm):
     model, tokenizer = load_reward_model(tiny_causal_lm)
     model.config.pad_token_id = tokenizer.eos_token_id
     sequences = [prompt_response_ids(tokenizer, "Hi", "Sure! Mia had a red kite."), prompt_response_ids(tokenizer, "Hi", "No.")]
-    ids, mask = right_padded(sequences, tokenizer.eos_token_id)
+    ids, mask = pad_sequences(sequences, tokenizer.eos_token_id, "right")
     model.eval()
     with torch.no_grad():
         alone = torch.cat([score_token_ids(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))

@@ -14,7 +14,7 @@ import torch
 import stages.ppo as ppo
 from pipeline.config.loading import load_config
 from pipeline.config.schema import PeftSection, PPOSection
-from pipeline.generation.padding import left_pad, position_ids_of
+from pipeline.generation.padding import pad_sequences, position_ids_of
 from pipeline.ppo.experience import Rollout, generate_rollout, score_rollout
 from pipeline.ppo.models import PolicyAndValue
 from pipeline.rl.masked import masked_mean
@@ -54,7 +54,7 @@ def test_prompt_order_covers_each_prompt_once_per_epoch():
 
 
 def test_left_pad_puts_prompts_against_the_response():
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
+    ids, mask = pad_sequences([[5, 6, 7], [8]], 0, "left")
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert position_ids_of(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
 
@@ -101,7 +101,7 @@ def test_first_minibatch_of_first_epoch_has_ratio_exactly_one(pretrained_run, mi
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Write a short story about {n}."}],
                                              add_generation_prompt=True, return_dict=True)["input_ids"]
                for n in ("Mia", "Tom and a fox", "Ben", "Lily at the park", "Sam", "Anna", "Max", "Zoe")]
-    queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
+    queries, query_mask = pad_sequences(prompts, tokenizer.pad_token_id, "left")
     torch.manual_seed(0)
     model.eval()
     rollout = generate_rollout(model, tokenizer, queries, query_mask, settings, accelerator)
@@ -140,7 +140,7 @@ def test_learnable_signal_raises_reward_with_bounded_kl(pretrained_run, monkeypa
                                              add_generation_prompt=True, return_dict=True)["input_ids"]
                for n in ("Mia", "Tom", "Ben", "Lily", "Sam", "Anna", "Max", "Zoe", "Leo", "Emma", "Jack", "Nina",
                          "the cat", "the dog", "the fox", "the bird")]
-    queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
+    queries, query_mask = pad_sequences(prompts, tokenizer.pad_token_id, "left")
     context["width"] = queries.shape[1]
     model, reward_scorer = PolicyAndValue(policy, critic), ppo_models.RewardScorer(reward_model)
     optimizer = torch.optim.AdamW([{"params": policy.parameters(), "lr": settings.learning_rate},
@@ -212,7 +212,7 @@ def test_a_checkpoint_generation_config_leaves_the_first_ppo_step_exact(pretrain
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Write a short story about {n}."}],
                                              add_generation_prompt=True, return_dict=True)["input_ids"]
                for n in STORY_PROMPTS]
-    queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
+    queries, query_mask = pad_sequences(prompts, tokenizer.pad_token_id, "left")
     model = PolicyAndValue(policy, critic)
     torch.manual_seed(0)
     rollout = generate_rollout(model, tokenizer, queries, query_mask, settings, accelerator)

@@ -9,7 +9,7 @@ import stages.ppo as ppo
 from pipeline.config.loading import load_config
 from pipeline.config.parsing import ConfigError
 from pipeline.config.schema import PPOSection
-from pipeline.generation.padding import left_pad, position_ids_of
+from pipeline.generation.padding import pad_sequences, position_ids_of
 from pipeline.ppo.experience import Experience
 from pipeline.ppo.models import PolicyAndValue
 from pipeline.rl.logprobs import logprobs_of_tokens
@@ -46,7 +46,7 @@ def tiny_policy_critic_and_experience() -> tuple[torch.nn.Module, ppo_models.Val
     policy, critic = LlamaForCausalLM(config), ppo_models.ValueModel(LlamaForSequenceClassification(config))
     prompt_lengths, response_lengths = [3, 6, 2, 5, 4, 6, 1, 3], [8, 1, 5, 2, 7, 3, 6, 4]
     context, width = max(prompt_lengths), max(response_lengths)
-    queries = left_pad([torch.randint(3, 40, (n,)).tolist() for n in prompt_lengths], 0)
+    queries = pad_sequences([torch.randint(3, 40, (n,)).tolist() for n in prompt_lengths], 0, "left")
     mask = torch.arange(width)[None, :] < torch.tensor(response_lengths)[:, None]
     responses = torch.randint(3, 40, (8, width)).masked_fill(~mask, 0)
     sequences, attention_mask = torch.cat([queries[0], responses], 1), torch.cat([queries[1], mask.long()], 1)

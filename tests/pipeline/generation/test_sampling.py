@@ -7,7 +7,7 @@ import torch
 from transformers import GenerationConfig, TemperatureLogitsWarper, TopKLogitsWarper
 from transformers.generation.utils import GenerationMixin
 
-from pipeline.generation.padding import left_pad, prompt_response_batch
+from pipeline.generation.padding import pad_sequences, prompt_response_batch
 from pipeline.generation.sampling import (
     cut_at_first_eos, generate_with_config, sample_batch, sample_token_ids, sampling_config,
     without_checkpoint_generation_defaults)
@@ -86,7 +86,7 @@ def oracle_draws(path: str) -> dict:
 def test_sampling_ignores_a_checkpoint_generation_config_and_draws_from_pi(tiny, processors_used, sampler_path):
     model, tokenizer, prompts = tiny
     hostile_generation_config(model, token=40)
-    queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
+    queries, query_mask = pad_sequences(prompts, tokenizer.pad_token_id, "left")
     config = sampling_config(16, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature=0.7)
     torch.manual_seed(3)
     responses, mask = sample_batch(model, queries, query_mask, config, batch_size=4)
@@ -104,7 +104,7 @@ def test_generate_fills_unset_fields_from_the_checkpoint_unless_its_defaults_are
     # "No min_p" or "no suppress_tokens" can only be said as None, which generate fills from the checkpoint.
     model, tokenizer, prompts = tiny
     hostile_generation_config(model, token=40)
-    queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
+    queries, query_mask = pad_sequences(prompts, tokenizer.pad_token_id, "left")
     config = sampling_config(4, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature=0.7)
     model.generate(input_ids=queries, attention_mask=query_mask, generation_config=config)
     generate_with_config(model, queries, query_mask, config)
@@ -130,7 +130,7 @@ def test_lean_decoding_runs_a_lora_policy(tiny):
     policy = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                                               task_type="CAUSAL_LM")).eval()
     assert rollout.supports_lean_decoding(policy)
-    queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
+    queries, query_mask = pad_sequences(prompts, tokenizer.pad_token_id, "left")
     config = sampling_config(8, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature=1.0)
     torch.manual_seed(2)
     responses, _ = sample_batch(policy, queries, query_mask, config, batch_size=3)
@@ -148,7 +148,7 @@ def test_a_sliding_window_model_is_sampled_by_generate(processors_used):
     assert rollout.supports_lean_decoding(LlamaForCausalLM(LlamaConfig(**shape)))
     model = MistralForCausalLM(MistralConfig(sliding_window=4, **shape)).eval()
     assert not rollout.supports_lean_decoding(model)
-    queries, query_mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12]], 0)
+    queries, query_mask = pad_sequences([[5, 6, 7, 8, 9, 10], [11, 12]], 0, "left")
     responses, mask = sample_batch(model, queries, query_mask, sampling_config(6, 1, 0), batch_size=2)
     assert processors_used == [[]] and responses.shape[0] == 2 and mask[:, 0].all()
 
@@ -156,13 +156,13 @@ def test_a_sliding_window_model_is_sampled_by_generate(processors_used):
 def test_pad_equal_to_eos_cuts_at_the_first_eos(tiny, sampler_path):
     model, tokenizer, prompts = tiny
     draws = oracle_draws(sampler_path)
-    queries, query_mask = left_pad(prompts, tokenizer.pad_token_id)
+    queries, query_mask = pad_sequences(prompts, tokenizer.pad_token_id, "left")
     torch.manual_seed(5)
     free = sample_from_pi_by_hand(model, queries, query_mask, 1.0, 12, -1, 0, 4, **draws)
     # Make a token the policy drew in the middle of row 0 its EOS and its pad: a pad == EOS tokenizer.
     stop_at = next(i for i in range(2, 12) if free[0, i] not in free[0, :i])
     eos = int(free[0, stop_at])
-    queries, query_mask = left_pad(prompts, eos)
+    queries, query_mask = pad_sequences(prompts, eos, "left")
     config = sampling_config(12, eos, eos, temperature=1.0)
     torch.manual_seed(5)
     responses, mask = sample_batch(model, queries, query_mask, config, batch_size=4)

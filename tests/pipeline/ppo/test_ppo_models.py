@@ -4,7 +4,7 @@ what a checkpoint saves and a resume loads."""
 import torch
 
 from pipeline.config.loading import load_config
-from pipeline.generation.padding import left_pad, position_ids_of
+from pipeline.generation.padding import pad_sequences, position_ids_of
 from pipeline.ppo.models import ValueModel, build_critic
 from tests.helpers import SMOKE
 
@@ -26,7 +26,7 @@ def test_critic_starts_at_the_normalised_score_of_the_reward_model(tiny_causal_l
     normalization = RewardNormalization(mean=0.7, std=2.5)
     normalization.save(reward_dir)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    queries, query_mask = left_pad([[5, 6, 7], [8], [9, 10]], pad)
+    queries, query_mask = pad_sequences([[5, 6, 7], [8], [9, 10]], pad, "left")
     responses = torch.tensor([[11, 12, eos, pad], [13, eos, pad, pad], [14, 15, 16, 17]])  # the last never ends
     mask, last_index, _ = response_mask(responses, eos)
     sequences, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, mask.long()], 1)
