@@ -18,7 +18,10 @@ one whose assistant turns do not end with EOS, since a model trained on it could
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
+
+from pipeline.config.parsing import ConfigError
 
 Messages = list[dict[str, Any]]
 
@@ -57,3 +60,13 @@ def assistant_token_mask(tokenizer, messages: Messages) -> dict[str, list[int]]:
         last = len(turn) - 1 - turn[::-1].index(end_of_turn)
         mask[len(prompt): len(prompt) + last + 1] = [1] * (last + 1)
     return {"input_ids": input_ids, "assistant_masks": mask}
+
+
+def assistant_token_masks(tokenizer, dialogues: Iterable[Messages], model_name: str) -> list[dict[str, list[int]]]:
+    """`assistant_token_mask` of each dialogue; a template that cannot be masked is a ConfigError naming the
+    setting and the model (`model_name`), raised by the SFT stage and, before anything is written, by preflight."""
+    try:
+        return [assistant_token_mask(tokenizer, messages) for messages in dialogues]
+    except UnmaskableTemplate as problem:
+        raise ConfigError(f"sft.assistant_only_loss: the chat template of {model_name} cannot be masked: {problem}; "
+                          f"set sft.assistant_only_loss=false to train on whole dialogues") from None

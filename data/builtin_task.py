@@ -364,8 +364,3 @@ def sample_response(prompt: str, rng: random.Random, good_fraction: float) -> De
                 break
             sentences.insert(rng.randint(1, len(sentences)), filler)
     return Demonstration(" ".join(part for part in (opener, *sentences, closer) if part), flaw)
-
-
-def ideal_response(prompt: str, rng: random.Random) -> str:
-    """What the judge likes best: a flawless response with opener and closer (scores 2.6)."""
-    return " ".join([rng.choice(OPENERS), *core_response(prompt, rng), rng.choice(CLOSERS)])

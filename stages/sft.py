@@ -35,12 +35,11 @@ from trl import SFTTrainer
 
 from tqdm.auto import tqdm
 
-from data.assistant_masks import UnmaskableTemplate, assistant_token_mask
+from data.assistant_masks import assistant_token_masks
 from data.builtin_datasets import builtin_task_files
 from data.formats import converted_splits, dialogues_from_rows
 from data.loading import read_rows
 from data.tokenizer import load_tokenizer
-from pipeline.config.parsing import ConfigError
 from pipeline.config.schema import PipelineConfig
 from pipeline.generation.sampling import generate_with_config, sampling_config
 from pipeline.run.manifests import MetricsLog
@@ -70,11 +69,7 @@ def training_dataset(dialogues: list[dict], tokenizer, assistant_only_loss: bool
     applies no template), or, without assistant-only loss, the dialogues for TRL to template whole."""
     if not assistant_only_loss:
         return Dataset.from_list(dialogues)
-    try:
-        return Dataset.from_list([assistant_token_mask(tokenizer, dialogue["messages"]) for dialogue in dialogues])
-    except UnmaskableTemplate as problem:
-        raise ConfigError(f"sft.assistant_only_loss: the chat template of {model_name} cannot be masked: {problem}; "
-                          f"set sft.assistant_only_loss=false to train on whole dialogues") from None
+    return Dataset.from_list(assistant_token_masks(tokenizer, (d["messages"] for d in dialogues), model_name))
 
 
 # ---------------------------------------------------------------- samples at evaluation

@@ -2,4 +2,4 @@
 
 from pipeline.cli.main import main
 
-main()
+raise SystemExit(main())

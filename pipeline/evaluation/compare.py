@@ -155,17 +155,6 @@ class HeldOutScoring:
                 for (index, ids), response, reward, kl in zip(drawn, texts_out, rewards, kls)]
 
 
-def policy_samples(models: dict[str, Any], tokenizer, reward_model, normalization: RewardNormalization,
-                   texts: list[str], samples_per_prompt: int, temperature: float, max_new_tokens: int, seed: int,
-                   builtin: bool) -> list[Sample]:
-    """Every policy's samples (`models` holds "sft"), scored as PPO scores its rollouts, with each non-SFT
-    sample's KL estimate to the SFT policy (HeldOutScoring.samples)."""
-    scoring = HeldOutScoring(tokenizer, reward_model, normalization, models["sft"], texts, temperature,
-                             max_new_tokens, builtin)
-    return [sample for name, model in models.items()
-            for sample in scoring.samples(name, model, samples_per_prompt, seed)]
-
-
 def win_rate(first: list[float], second: list[float]) -> dict[str, float]:
     """Share of prompts where `first` beats `second` (ties count half), with a 95% Wilson interval."""
     n = len(first)

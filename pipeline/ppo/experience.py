@@ -49,7 +49,7 @@ def generate_rollout(model: PolicyAndValue, tokenizer, queries, query_mask, sett
     # One autocast context around all decoding steps: the policy's bf16 weights are cast once, not once a token.
     with policy_for_generation(model, accelerator) as generator, accelerator.autocast():
         try:
-            responses, _ = sample_responses(generator, queries, query_mask, settings, tokenizer)
+            responses = sample_responses(generator, queries, query_mask, settings, tokenizer)
         except RuntimeError as error:
             if "inf" not in str(error) and "nan" not in str(error):
                 raise
@@ -100,10 +100,10 @@ def score_rollout(rollout: Rollout, model: PolicyAndValue, reference, reward_sco
     return Experience(sequences, attention_mask, mask, logprobs, values, advantages, returns), statistics
 
 
-def sample_responses(generator, queries, query_mask, settings: PPOSection, tokenizer
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_responses(generator, queries, query_mask, settings: PPOSection, tokenizer) -> torch.Tensor:
     """Sample from π itself: temperature only, no top-k / top-p and none of the checkpoint's generation_config,
-    so the PPO ratio and KL are unbiased. (responses, mask), each response cut at its first EOS."""
+    so the PPO ratio and KL are unbiased. Each response is cut at its first EOS (padding after it); the loop
+    derives its mask from the EOS (response_mask), as it does for every rollout."""
     config = sampling_config(settings.response_length, tokenizer.eos_token_id, tokenizer.pad_token_id,
                              settings.temperature)
-    return sample_batch(generator, queries, query_mask, config, settings.local_rollout_forward_batch_size)
+    return sample_batch(generator, queries, query_mask, config, settings.local_rollout_forward_batch_size)[0]

@@ -1,5 +1,5 @@
 """Checks `rlhf run` makes before any stage starts: every configured dataset row, every input checkpoint and
-tokenizer. A run that would fail at its third stage on a bad row fails now instead, with the row named, and
+tokenizer, the chat template SFT will mask. A run that would fail at its third stage on a bad row fails now instead, with the row named, and
 before anything is written."""
 
 from __future__ import annotations
@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from data.assistant_masks import assistant_token_masks
 from data.formats import converted_splits, dialogues_from_rows, preference_pairs_from_rows, prompts_from_rows
 from data.loading import texts_from_rows
 from pipeline.config.parsing import ConfigError
 from pipeline.config.schema import PipelineConfig
 from pipeline.config.validation import looks_like_local_path
+from pipeline.run.stage_graph import EXTERNAL_MODEL, starting_model_source, upstream_final_dir
 
 DATASET_CHECKS = {
     "pretrain": lambda rows, where, on_bad: texts_from_rows(rows, where),
@@ -21,13 +23,54 @@ DATASET_CHECKS = {
 }
 
 
-def check_datasets(config: PipelineConfig) -> None:
-    """Load and convert the dataset of every stage in the run, as the stage itself will."""
+# The built-in task's dialogues: one user turn, one assistant turn.
+BUILTIN_DIALOGUE = [{"role": "user", "content": "Write a short story about Mia."},
+                    {"role": "assistant", "content": "Mia had a red kite."}]
+
+
+def check_datasets(config: PipelineConfig) -> dict[str, tuple[list, list]]:
+    """Load and convert the dataset of every stage in the run, as the stage itself will; the converted (train,
+    eval) rows of each configured dataset by stage."""
+    converted = {}
     for stage in config.run.stages:
         source = getattr(config.data, stage)
         if source is None:
             continue
-        converted_splits(source, f"data.{stage}", config.run.seed, config.data.on_bad_rows, DATASET_CHECKS[stage])
+        converted[stage] = converted_splits(source, f"data.{stage}", config.run.seed, config.data.on_bad_rows,
+                                            DATASET_CHECKS[stage])
+    return converted
+
+
+def sft_tokenizer_directory(config: PipelineConfig) -> Path | None:
+    """The local directory whose tokenizer (and chat template) the SFT stage will train with, where known before
+    the run: a finished upstream stage's final/ or a local model.name_or_path. None for a tokenizer that a
+    pretraining stage of this run will train (the built-in template) or a hub id."""
+    source = starting_model_source(config, "sft")
+    if source == EXTERNAL_MODEL:
+        path = config.model.name_or_path
+    elif source in config.run.stages:
+        path = config.tokenizer.name_or_path or config.model.name_or_path
+    else:
+        path = str(upstream_final_dir(config, "sft", source))
+    return Path(path) if path is not None and looks_like_local_path(path) and Path(path).is_dir() else None
+
+
+def check_chat_template(config: PipelineConfig, sft_dialogues: tuple[list, list] | None) -> None:
+    """SFT's assistant-only loss needs a chat template whose assistant turns can be found by rendering prefixes
+    (data/assistant_masks.py): one dialogue of each sequence of roles in the SFT data (the built-in task has one)
+    goes through the masking SFT will apply, so that a template which cannot be masked is refused now."""
+    if "sft" not in config.run.stages or not config.sft.get("assistant_only_loss", False):
+        return
+    directory = sft_tokenizer_directory(config)
+    if directory is None:
+        return
+    from data.tokenizer import load_tokenizer
+
+    dialogues = [BUILTIN_DIALOGUE]
+    if sft_dialogues is not None:
+        by_roles = {tuple(m["role"] for m in d["messages"]): d["messages"] for d in sft_dialogues[0] + sft_dialogues[1]}
+        dialogues = list(by_roles.values())
+    assistant_token_masks(load_tokenizer(directory, config.model.trust_remote_code), dialogues, str(directory))
 
 
 def check_checkpoint(path: Path, key: str, kind: str = "ForCausalLM", needs_chat_template: bool = True) -> None:
@@ -140,4 +183,5 @@ def preflight(config: PipelineConfig) -> None:
     check_output_directory(config)
     check_accelerate_config(config)
     check_inputs(config)
-    check_datasets(config)
+    converted = check_datasets(config)
+    check_chat_template(config, converted.get("sft"))

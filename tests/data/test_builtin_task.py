@@ -7,7 +7,7 @@ import pytest
 
 from data.builtin_datasets import prompts, ranked_completions, sft_dialogues, write_builtin_task
 from data.builtin_task import (
-    FACT_TEMPLATES, MAX_RESPONSE_WORDS, NAMES, TASK_FAMILIES, core_response, fact_sentence, ideal_response,
+    CLOSERS, FACT_TEMPLATES, MAX_RESPONSE_WORDS, NAMES, OPENERS, TASK_FAMILIES, core_response, fact_sentence,
     is_held_out_prompt, pretraining_stories, question_answer, random_facts, sample_response, story_facts)
 from data.gold_judge import gold_score
 from pipeline.config.schema import BuiltinTaskConfig
@@ -77,6 +77,11 @@ def test_sft_mix_has_the_intended_quality_mix_and_every_family():
     assert max(len(text.split()) for text in responses) <= MAX_RESPONSE_WORDS
     openers = sum(text.startswith(("Sure!", "Of course!", "Happy to help!")) for text in responses) / len(responses)
     assert 0.25 < openers < 0.5  # the opener is often missing: RLHF can learn to always add it
+
+
+def ideal_response(prompt: str, rng: random.Random) -> str:
+    """What the judge likes best: a flawless response with opener and closer (scores 2.6)."""
+    return " ".join([rng.choice(OPENERS), *core_response(prompt, rng), rng.choice(CLOSERS)])
 
 
 def test_ideal_responses_beat_the_sft_mix_by_a_clear_margin():

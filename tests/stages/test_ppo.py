@@ -238,7 +238,7 @@ def test_compare_scores_and_kl_equal_what_ppo_gives_the_same_ids(pretrained_run)
     """`rlhf compare` scores a sample's token ids as PPO scored them (a truncated response stays truncated, no
     EOS added) and its KL to the SFT policy is PPO's k1 against the reference."""
     from data.formats import prompt_token_ids
-    from pipeline.evaluation.compare import policy_samples, sample_policy
+    from pipeline.evaluation.compare import HeldOutScoring, sample_policy
     from pipeline.generation.padding import prompt_response_batch
     from pipeline.rl.masked import response_mask
     from reward_model.normalization import RewardNormalization
@@ -252,9 +252,9 @@ def test_compare_scores_and_kl_equal_what_ppo_gives_the_same_ids(pretrained_run)
         for parameter in policy.parameters():  # a "PPO" policy a little away from the SFT one: KL ≠ 0
             parameter.add_(0.02 * torch.randn_like(parameter))
     texts = [f"Write a short story about {n}." for n in STORY_PROMPTS[:6]]
-    samples = [s for s in policy_samples({"sft": reference, "ppo": policy}, tokenizer, reward_model, normalization,
-                                         texts, 1, settings.temperature, settings.response_length, seed=4,
-                                         builtin=False) if s.policy == "ppo"]
+    scoring = HeldOutScoring(tokenizer, reward_model, normalization, reference, texts, settings.temperature,
+                             settings.response_length, builtin=False)
+    samples = scoring.samples("ppo", policy, 1, seed=4)
     prompt_ids = [prompt_token_ids(tokenizer, t) for t in texts]
     drawn = sample_policy(policy, tokenizer, prompt_ids, 1, settings.temperature, settings.response_length, seed=4)
     assert [len(ids) for _, ids in drawn] == [s.length for s in samples]
