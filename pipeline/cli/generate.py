@@ -34,7 +34,7 @@ class SamplingSettings:
             raise ConfigError(f"--max-new-tokens: must be positive, got {self.max_new_tokens}")
 
     def generation_config(self, tokenizer) -> GenerationConfig:
-        """These settings and nothing from the checkpoint's generation_config (see pipeline/rollout.py)."""
+        """These settings and nothing from the checkpoint's generation_config (see pipeline/generation/sampling.py)."""
         return sampling_config(self.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, self.temperature,
                                self.top_k, self.top_p, greedy=self.greedy)
 

@@ -1,6 +1,6 @@
 """From YAML text to typed dataclasses, with one-line errors that name the dotted key.
 
-Nothing here knows what a run config contains (that is pipeline/config.py): it reads a YAML mapping, applies
+Nothing here knows what a run config contains (that is pipeline/config/schema.py): it reads a YAML mapping, applies
 `key=value` overrides, and builds any dataclass from a nested dict by its type hints (dataclasses, unions,
 Literal, lists, scalars), suggesting the close key when one is misspelled.
 """

@@ -5,7 +5,7 @@ take that class's field names, so what a user knows about TRL carries over; our 
 `ppo`) borrow the `TrainingArguments` names where one exists.
 
 This module declares what a run config is (its sections and their defaults) and loads one; reading YAML and
-typing it is pipeline/config_parsing.py, checking the values is pipeline/config_validation.py.
+typing it is pipeline/config/parsing.py, checking the values is pipeline/config/validation.py.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """`rlhf compare`: what RLHF changed. Sample the SFT and PPO policies on the same held-out prompts with the same
 seeds, score every sample with the reward model (and the gold judge on the built-in task), and measure each
-PPO sample's KL to the SFT policy. The report (pipeline/report.py) shows it to a person at a glance.
+PPO sample's KL to the SFT policy. The report (pipeline/evaluation/report.py) shows it to a person at a glance.
 
 Beside the two policies, what a reader of the RLHF literature expects to see:
-- best-of-N from the SFT policy on the same prompts and judge (pipeline/best_of_n.py), from a pool of SFT
+- best-of-N from the SFT policy on the same prompts and judge (pipeline/evaluation/best_of_n.py), from a pool of SFT
   samples per prompt: compare's own SFT samples plus more drawn with another seed, so the SFT-vs-PPO figures
   are the ones compare gives without it;
 - the over-optimisation curve (Gao et al. 2022): gold and proxy (normalised reward-model) score against KL to
@@ -320,7 +320,7 @@ def pools_by_prompt(samples: list[Sample], prompts: int) -> list[list[Sample]]:
 
 def best_of_n_table(pools: list[list[Sample]], sizes: list[int], builtin: bool) -> dict[str, dict[str, Any]]:
     """For each N: best-of-N's expected reward-model score (normalised) and gold score per prompt (the pool's
-    unbiased estimate, pipeline/best_of_n.py), their means over prompts, and its analytic KL to SFT."""
+    unbiased estimate, pipeline/evaluation/best_of_n.py), their means over prompts, and its analytic KL to SFT."""
     table = {}
     for n in sizes:
         per_prompt = {"reward": [expected_best_of_n([s.reward for s in pool], [s.reward for s in pool], n)

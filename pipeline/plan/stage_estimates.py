@@ -51,7 +51,7 @@ def stage_estimate(config: PipelineConfig, stage: str, hardware: Hardware, shape
 
 # ---------------------------------------------------------------- the stages' rules for the planned device
 def stage_uses_bf16(requested: bool | None, hardware: Hardware) -> bool:
-    """The stages' rule (pipeline.stage.bf16_enabled) for the planned device: on by default on a GPU, which the
+    """The stages' rule (pipeline.train.precision.bf16_enabled) for the planned device: on by default on a GPU, which the
     plan assumes supports bf16 (Ampere or newer), off on CPU."""
     return requested if requested is not None else hardware.kind == "cuda"
 

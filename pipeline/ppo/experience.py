@@ -1,7 +1,7 @@
 """PPO's experience: sample responses to a batch of prompts from the policy (the rollout), then score them with
 the policy, the reference, the critic and the reward model, and turn the scores into per-token rewards and
 whitened GAE advantages (the experience the updates of stages/ppo.py train on). The forwards live in
-pipeline/ppo_models.py, the math in pipeline/policy_gradient.py, the sampling loop in pipeline/rollout.py."""
+pipeline/ppo/models.py, the math in pipeline/rl/, the sampling loop in pipeline/generation/sampling.py."""
 
 from __future__ import annotations
 

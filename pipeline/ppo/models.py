@@ -3,7 +3,7 @@
 
 stages/ppo.py builds them from the SFT and reward checkpoints, bench/ppo_step.py from random weights; both set
 them up for training with `prepare_ppo_models`, so that what the bench times is what the stage runs: policy and
-critic as one prepared PolicyAndValue (pipeline/engines.py) with one AdamW, reference and reward model placed as
+critic as one prepared PolicyAndValue (pipeline/train/engines.py) with one AdamW, reference and reward model placed as
 frozen models. The scoring forwards run in one autocast context and in equal chunks on every process; why, is
 written beside them.
 """

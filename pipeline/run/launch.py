@@ -94,7 +94,7 @@ def stage_environment(config: PipelineConfig) -> dict[str, str]:
     if not torch.cuda.is_available() and "ACCELERATE_USE_CPU" not in os.environ:
         # Without it a multi-process launch on a machine with no GPU runs processes that each think they are
         # alone; with it they form one DDP group over gloo (configs/accelerate/cpu_ddp.yaml). DeepSpeed and FSDP2
-        # stages build their Accelerator without it (pipeline/engine_launch.py).
+        # stages build their Accelerator without it (pipeline/train/engine_launch.py).
         environment["ACCELERATE_USE_CPU"] = "1"
     if not torch.cuda.is_available():
         environment.setdefault("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))

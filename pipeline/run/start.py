@@ -50,7 +50,7 @@ class StageStart:
 
 def plan_stage_start(config: PipelineConfig, stage: str, restart: bool, is_main_process: bool = True) -> StageStart:
     """Decide whether to skip, resume or start a stage, from its identity (config values and the digests of
-    the models it reads, pipeline/stage_graph.py) against the one its manifest recorded:
+    the models it reads, pipeline/run/stage_graph.py) against the one its manifest recorded:
     - same identity, finished: skip; same identity, interrupted: resume from the newest complete checkpoint;
     - its own config changed: refuse (a typo must not discard work), `--restart` starts it over;
     - an input model changed: a finished stage is stale, so its outputs are set aside and it starts over; an

@@ -1,5 +1,5 @@
 """What the custom training loops (pretraining, PPO) do alike around their own steps: build the Accelerator, decide
-whether to skip, resume or start (pipeline/stage.py), reload the last checkpoint, write the manifest and the
+whether to skip, resume or start (pipeline/run/start.py), reload the last checkpoint, write the manifest and the
 metrics log, take checkpoints on a cadence, and finish. A stage reads:
 
     loop = CustomLoop(config, STAGE, settings, restart)
@@ -12,7 +12,7 @@ metrics log, take checkpoints on a cadence, and finish. A stage reads:
         ... the stage's own step ...
         if loop.checkpoint_due(step):
             loop.save_checkpoint(step, {...})
-    save_final_model(...)                      # pipeline/engines.py, on every process
+    save_final_model(...)                      # pipeline/train/engines.py, on every process
     loop.finish(step, **manifest_fields)
 """
 
@@ -39,7 +39,7 @@ class CustomLoop:
     def __init__(self, config: PipelineConfig, stage: str, settings: Any, restart: bool = False):
         self.config, self.stage, self.settings = config, stage, settings
         # gradient_accumulation_steps stays 1: the loops scale each micro-batch's loss themselves
-        # (pipeline/engines.py sets DeepSpeed's own count).
+        # (pipeline/train/engines.py sets DeepSpeed's own count).
         mixed_precision = "bf16" if bf16_enabled(settings.bf16) else "no"
         self.accelerator = engine_accelerator(mixed_precision, log_with=trackers(settings.report_to),
                                               project_dir=str(config.run_dir / stage))

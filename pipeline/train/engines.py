@@ -21,7 +21,7 @@ and TRL's sources, and what this module does about it:
   gradient sync before it on DDP and FSDP2, no engine step before it on DeepSpeed); `backward` leaves the losses
   as the loops normalised them; `clipped_gradient_norm` returns the global norm as a float tensor on every engine
   (DeepSpeed's after its step, inf when it skipped the step for a non-finite gradient).
-- Saves: pipeline/final_save.py, one engine-aware final save for every stage.
+- Saves: pipeline/train/final_save.py, one engine-aware final save for every stage.
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ def test_ppo_from_the_same_sft_and_reward_models_agrees_with_ddp(engine, ddp_run
 
 def test_a_stage_that_does_not_get_the_launched_engine_stops_before_writing_anything(tmp_path):
     """A launch asking for FSDP2 that Accelerate runs as a plain single process (what it does with one process, or
-    on CPU without pipeline/engine_launch.py): the stage refuses with one line, exit 2, and writes nothing. (`rlhf
+    on CPU without pipeline/train/engine_launch.py): the stage refuses with one line, exit 2, and writes nothing. (`rlhf
     run` refuses that config earlier, in preflight: tests/bad_inputs.)"""
     command = [sys.executable, "-m", "stages.pretrain", "--config", str(SMOKE), f"run.output_dir={tmp_path / 'runs'}"]
     launched_as = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "1"}

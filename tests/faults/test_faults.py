@@ -1,5 +1,5 @@
 """Faults the pipeline must survive without losing work: NaN losses and gradients, disk full, read-only output, a
-save cut short. The long random-kill version is bench/faults.py; tests/pipeline/test_cli.py kills `rlhf run` once."""
+save cut short. The long random-kill version is bench/faults.py; tests/pipeline/cli/test_cli.py kills `rlhf run` once."""
 
 import errno
 import shutil
@@ -141,7 +141,7 @@ def test_nan_gradient_in_ppo_skips_the_step_and_saves_nothing(smoke_run):
     overrides = [f"run.output_dir={smoke_run}", "run.stages=[ppo]", "ppo.per_device_train_batch_size=4"]
     broken = run_with_nan("ppo", 5, *overrides, variable=NAN_GRADIENT_VARIABLE)
     assert broken.returncode == 1, broken.stderr[-2000:]
-    # One norm for policy and critic together: they train as one model (pipeline/engines.py PolicyAndValue).
+    # One norm for policy and critic together: they train as one model (pipeline/train/engines.py PolicyAndValue).
     assert last_error(broken).startswith("error: ppo: the gradient norm of the policy and critic became nan at step "
                                          "6; the optimizer step was skipped")
     stage_dir = smoke_run / "smoke" / "ppo"

@@ -41,7 +41,7 @@ def skip_without_engine(engine: str) -> None:
         pytest.skip("DeepSpeed is not installed (pip install -e '.[deepspeed]')")
     if engine == "fsdp2" and GPUS < 2:
         # Accelerate runs an FSDP config on one process as a plain single process; the stages refuse it
-        # (pipeline/engine_launch.py). The CPU engine tier (tests/engines/) runs FSDP2 on 2 processes.
+        # (pipeline/train/engine_launch.py). The CPU engine tier (tests/engines/) runs FSDP2 on 2 processes.
         pytest.skip("FSDP2 needs at least 2 processes: one GPU here")
 
 

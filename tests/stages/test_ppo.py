@@ -1,7 +1,7 @@
 """PPO end to end on a tiny pretrained run: the first-minibatch invariant (fp32 and bf16), a learnable signal, exact
 resume, sampling from π whatever the checkpoint's generation config, compare scoring as PPO does. The update and
 the snapshots on tiny random models are in tests/stages/test_ppo_units.py, the models themselves (the critic's
-units) in tests/pipeline/test_ppo_models.py."""
+units) in tests/pipeline/ppo/test_ppo_models.py."""
 
 import json
 import shutil

@@ -93,8 +93,12 @@ def test_a_template_that_cannot_be_masked_stops_before_training(tiny_causal_lm, 
     assert not list((tmp_path / "smoke").glob("sft/checkpoint-*"))
 
 
-def test_smoke_sft_writes_a_loadable_model_manifest_metrics_and_samples(smoke_run):
+def test_smoke_sft_writes_a_loadable_model_manifest_metrics_and_samples(smoke_run, capfd):
     final = run_sft(load_config(SMOKE, [f"run.output_dir={smoke_run}", *FEW_STEPS]))
+    # The console shows one bar with the key figures, not the Trainer's raw log dicts; metrics.jsonl keeps them all.
+    console = capfd.readouterr()
+    assert "{'loss'" not in console.out + console.err and "{'eval_loss'" not in console.out + console.err
+    assert "sft: 100%" in console.err and "eval_loss=" in console.err
     assert AutoModelForCausalLM.from_pretrained(final).config.num_hidden_layers == 2
     manifest = read_manifest(final.parent)
     assert manifest["status"] == "finished" and manifest["steps"] == 4

@@ -45,7 +45,7 @@ def test_pools_keep_compare_samples_first_and_best_of_n_is_estimated_per_prompt(
     pools = pools_by_prompt(samples, 2)
     assert [s.gold for s in pools[0]] == [1.0, 2.0, 3.0, 4.0] and [s.gold for s in pools[1]] == [0.0, 1.0, 5.0, 9.0]
     table = best_of_n_table(pools, [1, 2, 4], builtin=True)
-    # Prompt 0 as in tests/pipeline/test_best_of_n.py: best-of-2's gold is 15/6. Prompt 1, ranks by reward:
+    # Prompt 0 as in tests/pipeline/evaluation/test_best_of_n.py: best-of-2's gold is 15/6. Prompt 1, ranks by reward:
     # sample 3 (−1), 1 (0, later of the tie), 0 (0), 2 (2): weights 0, 1/6, 2/6, 3/6 → gold (0·2 + 1 + 15)/6.
     assert table["2"]["per_prompt"]["gold"] == pytest.approx([15 / 6, 16 / 6])
     assert table["4"]["per_prompt"]["gold"] == [2.0, 5.0]  # the argmax of each pool

@@ -1,4 +1,4 @@
-"""PPO's models (pipeline/ppo_models.py): the critic starts in the units of PPO's rewards, and its folded head is
+"""PPO's models (pipeline/ppo/models.py): the critic starts in the units of PPO's rewards, and its folded head is
 what a checkpoint saves and a resume loads."""
 
 import torch

@@ -1,4 +1,4 @@
-"""Per-token rewards and GAE advantages of pipeline/policy_gradient.py against hand-computed batches and an
+"""Per-token rewards and GAE advantages of pipeline/rl/advantages.py against hand-computed batches and an
 explicit loop: the score lands on the EOS, V after the last valid token is 0, padding stays 0."""
 
 from __future__ import annotations

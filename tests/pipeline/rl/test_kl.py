@@ -1,4 +1,4 @@
-"""The fixed and adaptive KL controllers of pipeline/policy_gradient.py: β moves towards the target within
+"""The fixed and adaptive KL controllers of pipeline/rl/kl.py: β moves towards the target within
 Ziegler et al.'s clip, and the state round-trips through JSON (trainer_state.json) for exact resume."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Per-token log-probabilities, entropy and KL estimates of pipeline/policy_gradient.py on hand-made tensors:
+"""Per-token log-probabilities, entropy and KL estimates of pipeline/rl/logprobs.py and pipeline/rl/kl.py on hand-made tensors:
 at the sampling temperature, in float32, k1 and k3 on hand numbers."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PPO's clipped policy and value losses of pipeline/policy_gradient.py on hand-computed cases, gradients
+"""PPO's clipped policy and value losses of pipeline/rl/losses.py on hand-computed cases, gradients
 included, and micro-batch shares that add up to the minibatch's token mean whatever the split."""
 
 from __future__ import annotations

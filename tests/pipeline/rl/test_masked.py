@@ -1,4 +1,4 @@
-"""Masks and masked statistics of pipeline/policy_gradient.py on hand-made tensors: the response mask cut at the
+"""Masks and masked statistics of pipeline/rl/masked.py on hand-made tensors: the response mask cut at the
 first EOS, means, variances, sums, token shares and whitening that padding never enters."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The PPO math of pipeline/policy_gradient.py as a whole: garbage in the padding reaches no reward, advantage,
+"""The PPO math of pipeline/rl/ as a whole: garbage in the padding reaches no reward, advantage,
 loss, gradient or statistic. Each piece is tested on hand-made tensors beside it, one section of the module a
 file: test_policy_gradient_masks.py, _logprobs.py, _advantages.py, _losses.py and _kl_controller.py; each
 expected value there is worked out by hand (or by an explicit loop), so they check that the functions are PPO,

@@ -1,4 +1,4 @@
-"""pipeline/custom_loop.py: the skeleton pretraining and PPO share, driven by a toy loop."""
+"""pipeline/train/custom_loop.py: the skeleton pretraining and PPO share, driven by a toy loop."""
 
 import torch
 

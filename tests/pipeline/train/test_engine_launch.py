@@ -1,4 +1,4 @@
-"""pipeline/engine_launch.py in one process: what `accelerate launch` asked for, read from its environment, and
+"""pipeline/train/engine_launch.py in one process: what `accelerate launch` asked for, read from its environment, and
 the refusal when the Accelerator runs something else. The engine tier (tests/engines/) builds every engine for
 real on 2 processes."""
 

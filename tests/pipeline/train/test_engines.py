@@ -1,4 +1,4 @@
-"""pipeline/engines.py in one process, in seconds: accelerate's own DeepSpeed code paths (Accelerator.backward,
+"""pipeline/train/engines.py in one process, in seconds: accelerate's own DeepSpeed code paths (Accelerator.backward,
 DeepSpeedEngineWrapper, DeepSpeedPlugin) over an engine that records what DeepSpeed's engine would be asked to
 do, and FSDP2's unsharded generation with two gloo processes through torch's fully_shard. The engine tier
 (tests/engines/) runs every stage under real DeepSpeed ZeRO-2/3 and FSDP2 on 2 CPU processes. Test names state

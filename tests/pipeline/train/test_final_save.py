@@ -1,4 +1,4 @@
-"""pipeline/final_save.py on one CPU process: what plain transformers loads from a final save is the trained
+"""pipeline/train/final_save.py on one CPU process: what plain transformers loads from a final save is the trained
 model, an adapter merged into a copy (never into the model that trains on), and under sharded engines the gathered
 weights go through a fresh CPU copy of the architecture. The engine tier (tests/engines/) saves under ZeRO-3 and
 FSDP2 for real."""
