@@ -33,14 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from side_by_side import (  # noqa: E402
-    PPOBenchShape,
-    add_shape_arguments,
-    llama_models,
-    machine_description,
-    random_prompts,
-    shape_from_arguments,
-    special_tokens_tokenizer,
-)
+    PPOBenchShape, add_shape_arguments, llama_models, machine_description, random_prompts, shape_from_arguments,
+    special_tokens_tokenizer)
 
 
 def ppo_settings(shape: PPOBenchShape):

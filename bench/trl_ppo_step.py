@@ -27,14 +27,8 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from side_by_side import (  # noqa: E402
-    PPOBenchShape,
-    add_shape_arguments,
-    llama_models,
-    machine_description,
-    random_prompts,
-    shape_from_arguments,
-    special_tokens_tokenizer,
-)
+    PPOBenchShape, add_shape_arguments, llama_models, machine_description, random_prompts, shape_from_arguments,
+    special_tokens_tokenizer)
 
 TRL_VERSION = "0.19.1"
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from data.builtin_task import TASK_VERSION, draw_prompt, pretraining_stories, sample_response
+from data.formats import converted_splits
 from data.gold_judge import annotator_ranking, gold_score
-from pipeline.config.schema import BuiltinTaskConfig
+from data.loading import read_rows
+from pipeline.config.schema import BuiltinTaskConfig, PipelineConfig
 
 
 def user_message(text: str) -> list[dict[str, str]]:
@@ -78,6 +82,22 @@ def builtin_task_files(config: BuiltinTaskConfig, out_dir: Path) -> Path:
         write_builtin_task(config, out_dir)
     state.wait_for_everyone()
     return Path(out_dir)
+
+
+# The built-in files a Trainer stage trains and evaluates on, when its dataset is not configured.
+BUILTIN_SPLITS = {"sft": ("sft_train", "sft_eval"), "reward": ("ranked_train", "ranked_eval")}
+
+
+def stage_splits(config: PipelineConfig, stage: str, convert: Callable[[list[dict], str, str], list[Any]]
+                 ) -> tuple[list[Any], list[Any]]:
+    """A Trainer stage's (train, eval) rows through `convert` (which checks every row): the dataset configured as
+    data.<stage>, or else the built-in task's files for it (written once, read by every process)."""
+    source = getattr(config.data, stage)
+    if source is not None:
+        return converted_splits(source, f"data.{stage}", config.run.seed, config.data.on_bad_rows, convert)
+    data_dir = builtin_task_files(config.data.builtin, config.run_dir / "data")
+    return tuple(convert(read_rows(data_dir / f"{name}.jsonl"), str(data_dir / f"{name}.jsonl"), config.data.on_bad_rows)
+                 for name in BUILTIN_SPLITS[stage])
 
 
 def write_builtin_task(config: BuiltinTaskConfig, out_dir: Path) -> dict[str, Path]:

@@ -46,9 +46,9 @@ import torch
 from datasets import Dataset
 from trl import RewardTrainer
 
-from data.builtin_datasets import builtin_task_files
+from data.builtin_datasets import stage_splits
 from data.formats import (
-    Messages, PreferencePair, converted_splits, ids_of_responses, preference_pairs_from_rows, prompt_token_ids,
+    Messages, PreferencePair, ids_of_responses, preference_pairs_from_rows, prompt_token_ids,
     prompts_from_rows)
 from data.gold_judge import gold_score
 from data.loading import load_source, read_rows
@@ -71,12 +71,8 @@ STAGE = "reward"
 # ---------------------------------------------------------------- data
 def preference_splits(config: PipelineConfig, tokenizer) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(train, eval) pairs, every row checked (length included) before training starts."""
-    convert = partial(preference_pairs_from_rows, tokenizer=tokenizer, max_length=config.reward.get("max_length"))
-    if config.data.reward is not None:
-        return converted_splits(config.data.reward, "data.reward", config.run.seed, config.data.on_bad_rows, convert)
-    data_dir = builtin_task_files(config.data.builtin, config.run_dir / "data")
-    return tuple(convert(read_rows(path), str(path), config.data.on_bad_rows)
-                 for path in (data_dir / "ranked_train.jsonl", data_dir / "ranked_eval.jsonl"))
+    return stage_splits(config, STAGE, partial(preference_pairs_from_rows, tokenizer=tokenizer,
+                                               max_length=config.reward.get("max_length")))
 
 
 def prompt_groups(pairs: list[PreferencePair], tokenizer, margin: float) -> list[dict[str, Any]]:

@@ -36,9 +36,8 @@ from trl import SFTTrainer
 from tqdm.auto import tqdm
 
 from data.assistant_masks import assistant_token_masks
-from data.builtin_datasets import builtin_task_files
-from data.formats import converted_splits, dialogues_from_rows
-from data.loading import read_rows
+from data.builtin_datasets import stage_splits
+from data.formats import dialogues_from_rows
 from data.tokenizer import load_tokenizer
 from pipeline.config.schema import PipelineConfig
 from pipeline.generation.sampling import generate_with_config, sampling_config
@@ -56,12 +55,8 @@ SAMPLE_TOKENS = 64  # new tokens per sample answer at evaluation
 # ---------------------------------------------------------------- data
 def dialogue_splits(config: PipelineConfig, tokenizer) -> tuple[list[dict], list[dict]]:
     """(train, eval) dialogues as {"messages": [...]}, every row checked (length included) before training."""
-    convert = partial(dialogues_from_rows, tokenizer=tokenizer, max_length=config.sft.get("max_length"))
-    if config.data.sft is not None:
-        return converted_splits(config.data.sft, "data.sft", config.run.seed, config.data.on_bad_rows, convert)
-    data_dir = builtin_task_files(config.data.builtin, config.run_dir / "data")
-    return tuple(convert(read_rows(path), str(path), config.data.on_bad_rows)
-                 for path in (data_dir / "sft_train.jsonl", data_dir / "sft_eval.jsonl"))
+    return stage_splits(config, STAGE, partial(dialogues_from_rows, tokenizer=tokenizer,
+                                               max_length=config.sft.get("max_length")))
 
 
 def training_dataset(dialogues: list[dict], tokenizer, assistant_only_loss: bool, model_name: str) -> Dataset:

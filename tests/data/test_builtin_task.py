@@ -146,3 +146,25 @@ def test_splits_of_neighbouring_seeds_do_not_coincide(tmp_path):
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}: "):
         BuiltinTaskConfig(**{field: value}).validate()
+
+
+def test_stage_splits_read_the_builtin_files_or_the_configured_dataset(tmp_path):
+    from data.builtin_datasets import stage_splits
+    from pipeline.config.loading import load_config
+    from tests.helpers import SMOKE
+
+    def keep(rows, where, on_bad_rows):
+        return [(where, row) for row in rows]
+
+    config = load_config(SMOKE, [f"run.output_dir={tmp_path}"])
+    train, evaluation = stage_splits(config, "reward", keep)
+    assert len(train) == 200 and len(evaluation) == 40  # smoke's ranked_prompts and ranked_eval_prompts
+    assert train[0][0] == str(config.run_dir / "data" / "ranked_train.jsonl")
+    assert (config.run_dir / "data" / "task_manifest.json").is_file()
+
+    rows = tmp_path / "sft.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Q{i}", "completion": "A"}) + "\n" for i in range(10)))
+    configured = load_config(SMOKE, [f"run.output_dir={tmp_path}", f"data.sft.path={rows}", "data.sft.eval_fraction=0.2"])
+    train, evaluation = stage_splits(configured, "sft", keep)
+    assert len(train) + len(evaluation) == 10 and len(evaluation) == 2
+    assert all(where.startswith("data.sft") for where, _ in train + evaluation)
