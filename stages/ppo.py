@@ -49,8 +49,8 @@ from pipeline.rl.losses import clipped_policy_loss, clipped_value_loss, minibatc
 from pipeline.run.checkpoints import policy_snapshot_dir
 from pipeline.train.batches import epoch_order
 from pipeline.train.custom_loop import CustomLoop
-from pipeline.train.engines import (
-    accumulation_boundary, backward, clipped_gradient_norm, engine_of, require_fsdp2_internals)
+from pipeline.train.engines import accumulation_boundary, backward, clipped_gradient_norm, engine_of
+from pipeline.train.sharding import require_fsdp2_internals
 from pipeline.train.entry import run_stage_main, seed_everything, stage_input_model
 from pipeline.train.final_save import save_final_model
 from pipeline.train.guards import fault_point, require_finite_gradient_norms, require_finite_weights

@@ -17,7 +17,7 @@ from pipeline.ppo.models import PolicyAndValue, RewardScorer, scoring_forwards
 from pipeline.rl.advantages import gae_advantages, per_token_rewards
 from pipeline.rl.kl import kl_per_token
 from pipeline.rl.masked import masked_sum, masked_mean, masked_whiten, response_mask
-from pipeline.train.engines import policy_for_generation
+from pipeline.ppo.models import policy_for_generation
 
 
 @dataclass

@@ -10,6 +10,15 @@ written beside them.
 
 from __future__ import annotations
 
+from pipeline.train.engines import engine_of
+from pipeline.train.sharding import fsdp2_unsharded
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+import torch
+from accelerate import Accelerator
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +31,8 @@ from pipeline.config.schema import PipelineConfig, PPOSection
 from pipeline.generation.padding import position_ids_of
 from pipeline.generation.scoring import predicting_positions, response_logits
 from pipeline.rl.logprobs import logprobs_and_entropy, logprobs_of_tokens
-from pipeline.train.engines import configure_deepspeed, gathered_if_partitioned, place_frozen_model
+from pipeline.train.engines import configure_deepspeed
+from pipeline.train.sharding import gathered_if_partitioned, place_frozen_model
 from pipeline.train.models import weight_decay_groups, attention_for_precision, load_causal_lm, with_lora_adapter
 from reward_model.model import score_token_ids
 from reward_model.normalization import RewardNormalization
@@ -229,3 +239,36 @@ class PolicyAndValue(torch.nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "tie_weights"):
                 module.tie_weights()
+
+
+# ---------------------------------------------------------------- generation
+@contextlib.contextmanager
+def policy_for_generation(model: torch.nn.Module, accelerator: Accelerator) -> Iterator[torch.nn.Module]:
+    """The policy of a prepared PolicyAndValue with whole weights, for as long as the block decodes. ZeRO-3 gathers
+    the policy's parameters only (the critic does not decode; gathering it too would double what generation holds)
+    and lifts DeepSpeed's fetch hooks meanwhile, as TRL's unwrap_model_for_generation does for a whole model; FSDP2
+    unshards the root and the policy's units (`fsdp2_unsharded`); elsewhere the weights are whole."""
+    unwrapped = accelerator.unwrap_model(model)
+    engine = engine_of(accelerator)
+    checkpointing = unwrapped.is_gradient_checkpointing
+    if checkpointing:
+        unwrapped.gradient_checkpointing_disable()
+    try:
+        if engine.zero_stage == 3:
+            import deepspeed
+            from trl.models.utils import add_hooks, remove_hooks
+
+            with deepspeed.zero.GatheredParameters(list(unwrapped.policy.parameters())):
+                remove_hooks(model)
+                try:
+                    yield unwrapped.policy
+                finally:
+                    add_hooks(model)
+        elif engine.fsdp2:
+            with fsdp2_unsharded(unwrapped, within=unwrapped.policy):
+                yield unwrapped.policy
+        else:
+            yield unwrapped.policy
+    finally:
+        if checkpointing:
+            unwrapped.gradient_checkpointing_enable()

@@ -20,7 +20,7 @@ from pipeline.ppo.models import PolicyAndValue
 from pipeline.rl.masked import masked_mean
 from pipeline.run.checkpoints import COMPLETE_MARKER
 from pipeline.run.manifests import read_manifest, write_manifest
-from pipeline.train.engines import place_frozen_model
+from pipeline.train.sharding import place_frozen_model
 from stages.pretrain import run_pretraining
 from tests.helpers import SMOKE, assert_identical_weights, run_and_kill_when, run_stage
 
