@@ -1,13 +1,12 @@
+"""reward_model/model.py: loading from an SFT checkpoint, and scores read at the EOS however the batch is padded."""
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from data.formats import prompt_response_ids
 from pipeline.generation.padding import pad_sequences
-from reward_model.calibration import preference_calibration
-from reward_model.losses import pairwise_accuracy, pairwise_loss
 from reward_model.model import classifier_scores, load_reward_model, score_responses, score_token_ids
-from reward_model.normalization import RewardNormalization
 
 
 def test_load_keeps_the_sft_backbone_and_adds_one_output_head(tiny_causal_lm):
@@ -60,54 +59,6 @@ def test_training_scores_read_the_eos_when_pad_is_eos(tiny_causal_lm):
     scores.sum().backward()
     head = next(p for name, p in wrapped.named_parameters() if "score" in name and p.requires_grad)
     assert head.grad is not None and head.grad.abs().sum() > 0
-
-
-def test_pairwise_loss_margin_weights_and_accuracy():
-    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
-    logsigmoid = torch.nn.functional.logsigmoid
-    expected = -(logsigmoid(torch.tensor(2.0)) + logsigmoid(torch.tensor(-1.0))) / 2
-    assert pairwise_loss(chosen, rejected).item() == pytest.approx(expected.item())
-    with_margin = -(logsigmoid(torch.tensor(1.0)) + logsigmoid(torch.tensor(-2.0))) / 2
-    assert pairwise_loss(chosen, rejected, margin=1.0).item() == pytest.approx(with_margin.item())
-    weighted = pairwise_loss(chosen, rejected, weights=torch.tensor([1.0, 0.0]))
-    assert weighted.item() == pytest.approx(-logsigmoid(torch.tensor(2.0)).item())
-    assert pairwise_accuracy(chosen, rejected) == 0.5
-    assert pairwise_accuracy(torch.tensor([1.0]), torch.tensor([1.0])) == 0.0  # a tie is not a win
-
-
-def test_normalization_round_trip(tmp_path):
-    normalization = RewardNormalization.from_scores(torch.tensor([1.0, 3.0]))
-    assert torch.allclose(normalization.apply(torch.tensor([1.0, 3.0])), torch.tensor([-0.7071, 0.7071]), atol=1e-4)
-    normalization.save(tmp_path)
-    assert (tmp_path / "reward_normalization.json").is_file()
-    assert RewardNormalization.load(tmp_path) == normalization
-    assert RewardNormalization.load(tmp_path / "none") == RewardNormalization(0.0, 1.0)
-
-
-def test_preference_calibration_bins_both_orders_of_each_pair():
-    log3 = torch.log(torch.tensor(3.0)).item()
-    # σ of the score gaps: 0.75, 0.5, 0.25; the third pair's chosen response is in fact the worse one
-    calibration = preference_calibration(torch.tensor([log3, 0.0, 0.0]), torch.tensor([0.0, 0.0, log3]),
-                                         torch.tensor([True, True, False]), bins=2)
-    low, high = calibration["bins"]
-    # both orders: predicted (0.75, 0.5, 0.25, 0.25, 0.5, 0.75), observed (1, 1, 0, 0, 0, 1)
-    assert (low["count"], low["mean_predicted"], low["observed"]) == (2, pytest.approx(0.25), 0.0)
-    assert (high["count"], high["mean_predicted"], high["observed"]) == (4, pytest.approx(0.625), 0.75)
-    assert (low["low"], low["high"], high["high"]) == (0.0, 0.5, 1.0)
-    assert calibration["expected_calibration_error"] == pytest.approx(2 / 6 * 0.25 + 4 / 6 * 0.125)
-
-
-def test_preference_calibration_against_the_labels_themselves():
-    undecided = preference_calibration(torch.zeros(4), torch.zeros(4))  # p = 0.5, and each pair counts both ways
-    assert undecided["expected_calibration_error"] == pytest.approx(0.0)
-    assert [b["count"] for b in undecided["bins"]] == [0] * 5 + [8] + [0] * 4
-    assert undecided["bins"][0]["mean_predicted"] is None and undecided["bins"][0]["observed"] is None
-    confident = torch.full((4,), 20.0)
-    assert preference_calibration(confident, torch.zeros(4))["expected_calibration_error"] == pytest.approx(0.0, abs=1e-6)
-    half_wrong = preference_calibration(confident, torch.zeros(4), torch.tensor([True, False, True, False]))
-    assert half_wrong["expected_calibration_error"] == pytest.approx(0.5, abs=1e-6)
-    with pytest.raises(ValueError, match="3 chosen but 2 rejected"):
-        preference_calibration(torch.zeros(3), torch.zeros(2))
 
 
 def test_policy_and_reward_model_must_read_token_ids_alike():
