@@ -199,3 +199,22 @@ def test_a_save_cut_short_is_never_resumed_from(tmp_path):
     assert not (stage_dir / ".tmp-state-40").exists()
     assert run_stage("pretrain", f"run.output_dir={tmp_path / 'b'}").returncode == 0
     assert_identical_weights(tmp_path / "b" / "smoke" / "pretrain" / "final", stage_dir / "final")
+
+
+def test_fault_points_do_nothing_unless_the_hooks_module_is_named(monkeypatch):
+    import torch
+
+    from pipeline.train.guards import FAULT_HOOKS_VARIABLE, fault_point
+
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setenv(NAN_VARIABLE, "pretrain:3")
+    monkeypatch.delenv(FAULT_HOOKS_VARIABLE, raising=False)
+    fault_point("update", "pretrain", 3, model)  # production: no hooks module, no fault
+    assert torch.isfinite(model.weight).all()
+    monkeypatch.setenv(FAULT_HOOKS_VARIABLE, "tests.faults.injection")
+    fault_point("update", "pretrain", 2, model)  # another step
+    assert torch.isfinite(model.weight).all()
+    fault_point("update", "pretrain", 3, model)
+    assert torch.isnan(model.weight).all()
+    with pytest.raises(ValueError, match="unknown fault point 'elsewhere'"):
+        fault_point("elsewhere", "pretrain", 3, model)

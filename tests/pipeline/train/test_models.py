@@ -91,3 +91,14 @@ def test_a_built_llama_takes_its_initial_weight_scale_from_the_config(tiny_causa
         assert model.config.initializer_range == scale
         stds[scale] = model.model.layers[0].mlp.up_proj.weight.std().item()
     assert abs(stds[0.02] - 0.02) < 0.002 and abs(stds[0.06] - 0.06) < 0.006
+
+
+def test_weight_decay_groups_decay_matrices_only_and_keep_the_order():
+    from pipeline.train.models import weight_decay_groups
+
+    layer, norm = torch.nn.Linear(3, 4), torch.nn.LayerNorm(4)
+    parameters = [layer.weight, layer.bias, norm.weight, norm.bias]
+    decayed, kept = weight_decay_groups(parameters, 0.1)
+    assert decayed["weight_decay"] == 0.1 and decayed["params"] == [layer.weight]
+    assert kept["weight_decay"] == 0.0 and kept["params"] == [layer.bias, norm.weight, norm.bias]
+    assert weight_decay_groups(iter(parameters), 0.1)[0]["params"] == [layer.weight]  # a generator is read once
