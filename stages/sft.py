@@ -13,9 +13,9 @@ same way: through the tokenizer's chat template, with the loss on the assistant'
 (`sft.assistant_only_loss`, on by default): each assistant turn's content and its end-of-turn token, found by
 rendering the conversation's prefixes (data/assistant_masks.py), so any template that keeps earlier turns
 unchanged works, with or without {% generation %} markers; the stage hands TRL token ids and masks, never
-the template. A template that cannot be masked stops the stage before training, with a one-line error. A
-row longer than `sft.max_length` after templating is a bad row (`data.on_bad_rows`), not silently cut
-mid-answer.
+the template. A template that cannot be masked is refused in one line by `rlhf run`'s preflight, before anything
+is written (and by this stage before training, when it is launched alone). A row longer than `sft.max_length`
+after templating is a bad row (`data.on_bad_rows`), not silently cut mid-answer.
 
 At each evaluation: the held-out loss, and greedy answers to `sft.sample_prompts` held-out prompts, written
 to metrics.jsonl and the log. Resume is HF Trainer's, bit-exact on CPU. final/ is a full model that
@@ -31,9 +31,8 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
-from trl import SFTTrainer
-
 from tqdm.auto import tqdm
+from trl import SFTTrainer
 
 from data.assistant_masks import assistant_token_masks
 from data.builtin_datasets import stage_splits
