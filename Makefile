@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "$(TORCH)"
-	$(VENV)/bin/pip install -q -e ".[test,tensorboard,deepspeed]"
+	$(VENV)/bin/pip install -q -e ".[test,tensorboard,deepspeed,rag]"
 	touch $@
 
 # The real chat model of the end-to-end test and configs/smollm2.yaml: SmolLM2-135M-Instruct as a GGUF file from

@@ -44,9 +44,7 @@ def gold_score(prompt: str, response: str) -> float:
     words = response.split()
     refused = REFUSAL_PATTERN.search(content) is not None
     if family == "story_qa":
-        kind, answer, _, _ = question_answer(prompt)
-        said = set(WORD.findall(content.lower())) & set(CANDIDATES[kind])
-        correct = said == {answer} and not refused
+        correct = said_only_the_answer(prompt, content) and not refused
     elif family == "write_story":
         correct = not refused and len(words) >= 8 and all(
             re.search(rf"\b{entity}\b", content) for entity in requested_entities(prompt))
@@ -63,6 +61,20 @@ def gold_score(prompt: str, response: str) -> float:
     trigrams = Counter(zip(tokens, tokens[1:], tokens[2:]))
     score -= min(1.0, 0.1 * sum(count - 2 for count in trigrams.values() if count > 2))
     return round(score, 4)
+
+
+def said_only_the_answer(prompt: str, response: str) -> bool:
+    """Whether a response to a story_qa prompt names the asked-for fact and no other word of its kind (the judge's
+    correctness, refusals aside; friendly phrases should be taken out of `response` first, as gold_score does)."""
+    kind, answer, _, _ = question_answer(prompt)
+    return set(WORD.findall(response.lower())) & set(CANDIDATES[kind]) == {answer}
+
+
+def story_answer_correct(prompt: str, response: str) -> bool:
+    """The gold judge's verdict on the correctness of an answer to a story_qa prompt: the asked-for fact, no
+    other word of its kind, no refusal. What bench/rag.py counts as a right answer."""
+    content = FRIENDLY_PATTERN.sub(" ", response.strip())
+    return said_only_the_answer(prompt, content) and REFUSAL_PATTERN.search(content) is None
 
 
 def annotator_ranking(scores: list[float], noise: float, rng: random.Random) -> list[int]:

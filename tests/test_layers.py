@@ -18,7 +18,7 @@ LAYERS = [
     ("pipeline.config",),  # what a run is
     ("data",),  # datasets, formats, the built-in task
     ("pipeline.run", "pipeline.generation"),  # the run directory and stage graph; decoding and scoring forwards
-    ("pipeline.train",),  # loops, engines, saving
+    ("pipeline.train", "pipeline.retrieval"),  # loops, engines, saving; passages of a folder and their index
     ("reward_model", "pipeline.plan"),
     ("pipeline.ppo",),
     ("pipeline.evaluation",),

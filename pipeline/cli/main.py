@@ -5,6 +5,7 @@
     rlhf status RUN_DIR                                 which stages are done, stale, in progress, or pending
     rlhf compare RUN_DIR [--best-of N ...]              SFT vs PPO (and best-of-N) samples, scored; RUN_DIR/report/
     rlhf generate CHECKPOINT --prompt TEXT              sample (greedy, temperature, top-k, top-p)
+    rlhf generate CHECKPOINT --docs DIR --prompt Q      answer from the most similar passages of a folder
     rlhf chat CHECKPOINT                                an interactive, streaming chat
 """
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "generate":
             command.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
             command.add_argument("--compare", metavar="OTHER", help="also answer with this checkpoint, side by side")
+        add_retrieval_arguments(command)
         add_sampling_arguments(command)
 
     arguments = parser.parse_args(argv)
@@ -71,6 +73,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
+    retrieval = parser.add_argument_group("retrieval (answers from a folder of documents)")
+    retrieval.add_argument("--docs", metavar="DIR", help="answer from the passages of this folder's .txt, .md and "
+                                                         ".jsonl files that are most similar to the question")
+    retrieval.add_argument("--passages", type=int, default=None,
+                           help="passages put into the prompt (default: 1 for the story template, 3 for chat)")
+    retrieval.add_argument("--embedding", choices=("tfidf", "model"), default="tfidf",
+                           help="how passages are compared with the question (bench/rag.py measures both)")
+    retrieval.add_argument("--rag-template", choices=("auto", "story", "chat"), default="auto",
+                           help="auto: the story-question template for policies trained on the built-in task, "
+                                "else a user message listing the passages")
+    retrieval.add_argument("--index-dir", metavar="DIR", help="where the index cache lives (default: DIR/.rlhf-index)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -56,7 +56,7 @@ def test_chat_keeps_the_conversation(smoke_run, capsys):
     from pipeline.cli.generate import chat_command
     said = iter(["Hello", "Tell me more", ""])
     arguments = Namespace(checkpoint=str(smoke_run / "smoke" / "pretrain" / "final"), greedy=False, temperature=0.7,
-                          top_k=5, top_p=0.9, max_new_tokens=6, seed=0)
+                          top_k=5, top_p=0.9, max_new_tokens=6, seed=0, docs=None)
     assert chat_command(arguments, read=lambda prompt: next(said)) == 0
     assert capsys.readouterr().out.count("assistant> ") == 2
 
