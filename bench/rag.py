@@ -65,6 +65,23 @@ def recall(index, items: list[tuple[str, str, str]], ks=(1, 5)) -> tuple[dict[st
     return {f"recall@{k}": hits[k] / len(items) for k in ks}, statistics.median(seconds)
 
 
+def retrieval_ceiling(items: list[tuple[str, str, str]], asked, ks=(1, 5)) -> dict[str, float]:
+    """The best recall@k any retriever can expect from the question alone: a built-in question names a person (and
+    sometimes an object), and every story that states that kind of fact about them fits it equally; with ties
+    broken at random, recall@k is min(1, k / fitting stories)."""
+    from data.builtin_task import question_answer, story_facts
+
+    facts = [story_facts(story) for _, story, _ in items]
+    shares = {k: [] for k in ks}
+    for prompt, _, _ in asked:
+        kind, _, name, thing = question_answer(prompt)
+        fitting = sum(1 for (_, story, _), known in zip(items, facts)
+                      if kind in known.get(name, {}) and (not thing or thing in story))
+        for k in ks:
+            shares[k].append(min(1.0, k / max(fitting, 1)))
+    return {f"recall@{k}": sum(values) / len(values) for k, values in shares.items()}
+
+
 def answer_accuracy(model, tokenizer, template: str, index, items, max_new_tokens: int) -> dict[str, float]:
     """Share of right answers (gold judge) with no story, the top retrieved story and the true story."""
     from data.gold_judge import story_answer_correct
@@ -138,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     items = story_questions(arguments.stories, arguments.seed)
     asked = items[: arguments.questions]
     result = {"date": str(date.today()), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-              "stories": len(items), "questions": len(asked), "answers": arguments.answers, "models": {}}
+              "stories": len(items), "questions": len(asked), "answers": arguments.answers,
+              "ceiling": retrieval_ceiling(items, asked), "models": {}}
     with tempfile.TemporaryDirectory() as folder:
         docs = write_corpus([s for _, s, _ in items], Path(folder) / "docs")
         for checkpoint in checkpoints:
@@ -165,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"RAG on the built-in story questions ({result['date']}, {result['machine']}): a corpus of {len(items)} "
           f"stories, recall over {len(asked)} questions, answers to {arguments.answers}")
+    print(f"  the question alone fits several stories: the best recall to expect is recall@1 "
+          f"{result['ceiling']['recall@1']:.3f}, recall@5 {result['ceiling']['recall@5']:.3f}")
     for checkpoint, figures in result["models"].items():
         print(f"{checkpoint} ({figures['template']} template):")
         for embedding, values in figures["embeddings"].items():
