@@ -80,7 +80,7 @@ class Retrieval:
 
 def sources_lines(augmented) -> list[str]:
     """What the answer was read from, one line a passage, and a note when passages were cut to fit."""
-    lines = [f"  [{n}] {r.passage.label()} (similarity {r.score:.2f})" for n, r in enumerate(augmented.passages, 1)]
+    lines = [f"  [{n}] {r.passage.label} (similarity {r.score:.2f})" for n, r in enumerate(augmented.passages, 1)]
     if augmented.cut:
         lines.append(f"  ({augmented.cut} retrieved passage(s) cut or left out to fit the model's context)")
     return ["sources:", *lines] if augmented.passages else ["sources: none fit the model's context"]

@@ -26,7 +26,9 @@ class Passage:
     number: int
     text: str
 
+    @property
     def label(self) -> str:
+        """How the answer names it: file and passage number."""
         return f"{self.source}, passage {self.number}"
 
 

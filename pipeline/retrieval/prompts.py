@@ -44,7 +44,7 @@ def template_for(checkpoint: str | Path) -> str:
 def render(question: str, passages: list[Retrieved], template: str) -> str:
     if template == "story":
         return f"{QA_PREFIX}{' '.join(r.passage.text for r in passages)}\nQuestion: {question}"
-    numbered = "\n".join(f"[{n}] ({r.passage.label()}) {r.passage.text}" for n, r in enumerate(passages, 1))
+    numbered = "\n".join(f"[{n}] ({r.passage.label}) {r.passage.text}" for n, r in enumerate(passages, 1))
     return f"Answer the question using these passages.\n\n{numbered}\n\nQuestion: {question}"
 
 

@@ -46,5 +46,5 @@ def test_passages_are_paragraphs_or_rows_cut_at_the_word_limit(tmp_path):
     documents = {d.source: d for d in read_documents(tmp_path)[0]}
     story = split_passages(documents["story.txt"], max_words=3)
     assert [(p.number, p.text) for p in story] == [(1, "One two three."), (2, "Four five six"), (3, "seven eight.")]
-    assert story[1].label() == "story.txt, passage 2"
+    assert story[1].label == "story.txt, passage 2"
     assert [p.text for p in split_passages(documents["rows.jsonl"], max_words=3)] == ["a b c", "d e", "f"]
