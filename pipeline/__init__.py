@@ -1,5 +1,5 @@
 """The machinery the four stages share, one subpackage per concern, in layers (tests/test_layers.py enforces them):
 
-    rl → config → (data) → run → generation → train → (reward_model) → ppo → evaluation, plan → cli
+    rl → config → (data) → run, generation → train, retrieval → (reward_model), plan → ppo → evaluation → cli
 
-A package imports only from packages to its left; see the code map in README.md."""
+A package imports only from the packages to its left; the code map in README.md says what each holds."""
