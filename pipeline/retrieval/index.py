@@ -9,6 +9,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,19 @@ def write_atomically(path: Path, write) -> None:
     temporary = path.with_name(f".tmp-{path.name}.{os.getpid()}")
     write(temporary)
     os.replace(temporary, path)
+
+
+def save_array(array: np.ndarray, path: Path) -> None:
+    with open(path, "wb") as handle:
+        np.save(handle, array)
+
+
+def prune_cache(cache: Path, digests: set[str]) -> None:
+    """Remove what the cache holds for file contents the folder no longer has (edited or deleted files)."""
+    for part in ("passages", "vectors"):
+        for path in (cache / part).iterdir():
+            if path.name.split(".")[0] not in digests:
+                path.unlink(missing_ok=True)
 
 
 def cached_passages(document: Document, cache: Path) -> list[Passage] | None:
@@ -119,14 +133,15 @@ def build_index(folder: Path, embedding: str = "tfidf", model=None, tokenizer=No
                 file_vectors = mean_pooled_states(model, tokenizer, [p.text for p in file_passages],
                                                   progress=bar.update)
                 file_vectors = file_vectors.reshape(len(file_passages), -1)
-                write_atomically(cache / "vectors" / f"{document.digest}.npy",
-                                 lambda path: np.save(open(path, "wb"), file_vectors))
+                write_atomically(cache / "vectors" / f"{document.digest}.npy", partial(save_array, file_vectors))
                 vectors.append(file_vectors)
         passages += file_passages
     bar.close()
     if not passages:
         raise ConfigError(f"--docs {folder}: its files hold no text to search")
-    (cache / "files.json").write_text(json.dumps({d.source: d.digest for d in documents}, indent=1, sort_keys=True))
+    files = {d.source: d.digest for d in documents}
+    write_atomically(cache / "files.json", lambda path: path.write_text(json.dumps(files, indent=1, sort_keys=True)))
+    prune_cache(cache, set(files.values()))
     if embedding == "tfidf":
         try:
             index = TfidfEmbedding([p.text for p in passages])

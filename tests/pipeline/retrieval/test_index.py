@@ -40,6 +40,8 @@ def test_a_changed_file_is_indexed_again_and_an_unchanged_one_is_not(docs):
     (docs / "ben.txt").unlink()
     index, report = build_index(docs, "tfidf", show_progress=False)
     assert report.indexed == [] and report.passages == 2
+    # What the cache held for the old tom.txt and for ben.txt is gone: it keeps the folder's current files only.
+    assert len(list((docs / ".rlhf-index" / "tfidf" / "passages").iterdir())) == 2
 
 
 def test_the_model_embedding_caches_its_vectors_per_file(docs, tiny_causal_lm):
