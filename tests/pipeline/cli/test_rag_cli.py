@@ -51,3 +51,13 @@ def test_a_folder_with_nothing_to_read_exits_2_with_one_line(tiny_causal_lm, tmp
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith(f"error: --docs {folder}: ")
     assert main(["generate", str(tiny_causal_lm), "--docs", str(tmp_path), "--prompt", "Hi", "--passages", "0"]) == 2
+
+
+def test_passages_longer_than_the_context_are_cut_and_the_output_says_so(tiny_causal_lm, tmp_path, capsys):
+    folder = tmp_path / "long"
+    folder.mkdir()
+    (folder / "long.txt").write_text(" ".join(f"Mia saw a red kite number {i}." for i in range(400)))
+    assert main(["generate", str(tiny_causal_lm), "--docs", str(folder), "--prompt", "What did Mia see?",
+                 "--passages", "5", "--max-new-tokens", "4", "--greedy"]) == 0
+    out = capsys.readouterr().out
+    assert "cut or left out to fit the model's context)" in out and "  [1] long.txt, passage 1" in out
