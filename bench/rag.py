@@ -162,17 +162,17 @@ def main(argv: list[str] | None = None) -> int:
         for checkpoint in checkpoints:
             model, tokenizer = load_for_sampling(checkpoint)
             template = template_for(checkpoint)
+            cache = Path(folder) / f"cache-{len(result['models'])}"  # each model indexes from nothing
             figures = {"template": template, "embeddings": {}}
             for embedding in EMBEDDINGS:
                 started = time.perf_counter()
-                index, _ = build_index(docs, embedding, model, tokenizer, checkpoint, Path(folder) / "cache",
-                                       show_progress=False)
+                index, _ = build_index(docs, embedding, model, tokenizer, checkpoint, cache, show_progress=False)
                 index_seconds = time.perf_counter() - started
                 recalls, query = recall(index, asked)
                 figures["embeddings"][embedding] = {**recalls, "index_seconds": round(index_seconds, 2),
                                                     "query_ms_median": round(1000 * query, 2)}
             best = max(EMBEDDINGS, key=lambda e: figures["embeddings"][e]["recall@1"])
-            index, _ = build_index(docs, best, model, tokenizer, checkpoint, Path(folder) / "cache", show_progress=False)
+            index, _ = build_index(docs, best, model, tokenizer, checkpoint, cache, show_progress=False)
             figures["answers_with"] = best
             figures["accuracy"] = answer_accuracy(model, tokenizer, template, index, items[: arguments.answers],
                                                   arguments.max_new_tokens)

@@ -3,8 +3,8 @@
 - "story": the built-in task's story-question template the pipeline's own policies learned
   ("Read the story and answer the question.\\nStory: ...\\nQuestion: ..."), the passages as the story.
 - "chat": one user message for any chat model: the passages, numbered with their sources, then the question.
-A policy trained on the built-in task is recognised by its stage's manifest (no dataset configured); any other
-model gets "chat".
+A checkpoint of a stage that trained on the built-in task (its manifest records no configured dataset: the
+default run, or configs/smollm2.yaml's run of a real chat model) gets "story"; any other model gets "chat".
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ class AugmentedPrompt:
 
 
 def template_for(checkpoint: str | Path) -> str:
-    """"story" for a policy trained on the built-in task (its stage manifest names no dataset and no starting
-    model), else "chat"."""
+    """"story" for a checkpoint of a stage trained on the built-in task (its stage manifest records the stage's
+    data settings, and no dataset among them), else "chat"."""
     manifest = Path(checkpoint) / ".." / "manifest.json"
     try:
-        config = json.loads(manifest.read_text())["config"]
+        data = json.loads(manifest.read_text())["config"]["data"]
     except (OSError, ValueError, KeyError, TypeError):
         return "chat"
-    data = config.get("data") or {}
-    builtin = all(data.get(stage) is None for stage in ("pretrain", "sft", "reward", "ppo"))
-    return "story" if builtin and not (config.get("model") or {}).get("name_or_path") else "chat"
+    if not isinstance(data, dict) or "builtin" not in data:
+        return "chat"
+    return "story" if all(data.get(stage) is None for stage in ("pretrain", "sft", "reward", "ppo")) else "chat"
 
 
 def render(question: str, passages: list[Retrieved], template: str) -> str:

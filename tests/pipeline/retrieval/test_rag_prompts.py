@@ -26,10 +26,12 @@ def test_the_template_follows_the_checkpoints_run(tmp_path):
         (stage / "manifest.json").write_text(json.dumps({"config": config}))
         return stage / "final"
 
-    builtin = {"data": {"sft": None, "ppo": None}, "model": {"name_or_path": None}}
+    builtin = {"data": {"builtin": {"seed": 1234}, "ppo": None}}
     assert template_for(checkpoint(builtin)) == "story"
-    assert template_for(checkpoint({**builtin, "data": {"sft": {"path": "chats.jsonl"}}})) == "chat"
-    assert template_for(checkpoint({**builtin, "model": {"name_or_path": "models/SmolLM2"}})) == "chat"
+    # A real chat model fine-tuned on the built-in task (configs/smollm2.yaml's run) learned the template too.
+    assert template_for(checkpoint({**builtin, "model": {"name_or_path": "models/SmolLM2"}})) == "story"
+    assert template_for(checkpoint({"data": {"builtin": {}, "sft": {"path": "chats.jsonl"}}})) == "chat"
+    assert template_for(checkpoint({"run": {"seed": 1}})) == "chat"  # no data settings recorded
     assert template_for(tmp_path / "a hub id or a folder without a manifest") == "chat"
 
 
