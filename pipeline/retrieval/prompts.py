@@ -33,12 +33,13 @@ def template_for(checkpoint: str | Path) -> str:
     data settings, and no dataset among them), else "chat"."""
     manifest = Path(checkpoint) / ".." / "manifest.json"
     try:
-        data = json.loads(manifest.read_text())["config"]["data"]
+        config = json.loads(manifest.read_text())["config"]  # the stage's identity: {"data.ppo": ..., ...}
     except (OSError, ValueError, KeyError, TypeError):
         return "chat"
-    if not isinstance(data, dict) or "builtin" not in data:
+    if not isinstance(config, dict) or "data.builtin" not in config:
         return "chat"
-    return "story" if all(data.get(stage) is None for stage in ("pretrain", "sft", "reward", "ppo")) else "chat"
+    datasets = [config.get(f"data.{stage}") for stage in ("pretrain", "sft", "reward", "ppo")]
+    return "story" if all(dataset is None for dataset in datasets) else "chat"
 
 
 def render(question: str, passages: list[Retrieved], template: str) -> str:

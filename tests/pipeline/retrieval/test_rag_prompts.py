@@ -19,20 +19,21 @@ def test_the_story_template_is_the_one_the_builtin_policies_learned():
     assert chat.endswith("Question: What colour was Mia's kite?")
 
 
-def test_the_template_follows_the_checkpoints_run(tmp_path):
+def test_the_template_follows_the_checkpoints_run(tmp_path, smoke_run):
     def checkpoint(config):
         stage = tmp_path / str(len(list(tmp_path.iterdir())))
         (stage / "final").mkdir(parents=True)
         (stage / "manifest.json").write_text(json.dumps({"config": config}))
         return stage / "final"
 
-    builtin = {"data": {"builtin": {"seed": 1234}, "ppo": None}}
+    # A stage manifest records the stage's identity keys, e.g. PPO's "data.builtin" and "data.ppo".
+    builtin = {"data.builtin": {"seed": 1234}, "data.ppo": None, "model.trust_remote_code": False}
     assert template_for(checkpoint(builtin)) == "story"
-    # A real chat model fine-tuned on the built-in task (configs/smollm2.yaml's run) learned the template too.
-    assert template_for(checkpoint({**builtin, "model": {"name_or_path": "models/SmolLM2"}})) == "story"
-    assert template_for(checkpoint({"data": {"builtin": {}, "sft": {"path": "chats.jsonl"}}})) == "chat"
-    assert template_for(checkpoint({"run": {"seed": 1}})) == "chat"  # no data settings recorded
+    assert template_for(checkpoint({"data.builtin": {}, "data.sft": {"path": "chats.jsonl"}})) == "chat"
+    assert template_for(checkpoint({"run.seed": 1})) == "chat"  # no data settings recorded
     assert template_for(tmp_path / "a hub id or a folder without a manifest") == "chat"
+    # A real stage manifest: the smoke run's pretraining, on the built-in task.
+    assert template_for(smoke_run / "smoke" / "pretrain" / "final") == "story"
 
 
 def test_passages_that_do_not_fit_are_cut_and_counted(tiny_causal_lm):
