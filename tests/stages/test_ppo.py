@@ -238,7 +238,7 @@ def test_compare_scores_and_kl_equal_what_ppo_gives_the_same_ids(pretrained_run)
     """`rlhf compare` scores a sample's token ids as PPO scored them (a truncated response stays truncated, no
     EOS added) and its KL to the SFT policy is PPO's k1 against the reference."""
     from data.formats import prompt_token_ids
-    from pipeline.evaluation.compare import HeldOutScoring, sample_policy
+    from pipeline.evaluation.samples import HeldOutScoring, sample_policy
     from pipeline.generation.padding import prompt_response_batch
     from pipeline.rl.masked import response_mask
     from reward_model.normalization import RewardNormalization

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pipeline.config.parsing import ConfigError
-from pipeline.evaluation.compare import (
-    POOL, Comparison, Sample, best_of_n_table, best_of_sizes, curve_sizes, family_figures, over_optimisation_points,
-    per_prompt_means, policy_means, pools_by_prompt, reward_model_figures, win_rate)
+from pipeline.evaluation.samples import POOL, Comparison, Sample
+from pipeline.evaluation.figures import best_of_n_table, best_of_sizes, curve_sizes, family_figures, over_optimisation_points, per_prompt_means, policy_means, pools_by_prompt, win_rate
+from pipeline.evaluation.compare import reward_model_figures
 
 QA = "Read the story and answer the question.\nStory: Mia had a red kite.\nQuestion: What colour was the kite?"
 STORY = "Write a short story about Tom and a fox."

@@ -5,7 +5,8 @@ import subprocess
 import pytest
 
 from pipeline.evaluation.charts import over_optimisation_chart, reliability_chart
-from pipeline.evaluation.compare import Comparison, Sample, win_rate
+from pipeline.evaluation.samples import Comparison, Sample
+from pipeline.evaluation.figures import win_rate
 from pipeline.evaluation.report import (
     best_of_n_rows, best_of_n_verdicts, family_rows, headline, over_optimisation_rows, reward_model_sentences,
     win_rate_label, write_report)
@@ -78,8 +79,8 @@ def test_report_renders_in_a_real_browser(tmp_path):
 def rich_comparison() -> Comparison:
     """comparison() with what compare adds: a best-of-N pool (2 more SFT samples a prompt), best-of-N figures and
     win rates, a PPO snapshot, the reward model's figures and the per-family figures."""
-    from pipeline.evaluation.compare import (
-        POOL, best_of_n_table, family_figures, over_optimisation_points, per_prompt_means, pools_by_prompt)
+    from pipeline.evaluation.samples import POOL
+    from pipeline.evaluation.figures import best_of_n_table, family_figures, over_optimisation_points, per_prompt_means, pools_by_prompt
 
     result = comparison()
     result.samples += [Sample(index, POOL, f"pool {index}.{k}", 1.5 * k, 3.0 * k, None, 9) for index in range(2)
