@@ -180,10 +180,12 @@ class TrainerStage:
         self.start = plan_stage_start(config, stage, restart, self.is_main_process)
         self.stage_dir = self.start.stage_dir
         self.final_dir = self.stage_dir / "final"
-        self.metrics_log = metrics_log_for(self.start, self.is_main_process)
         self.wall_time = 0.0
         if self.already_finished:
             self.print(f"already finished: {self.final_dir}")
+            return
+        # Opened only for a stage that trains: opening cuts the log back to the resumed step (or empties it).
+        self.metrics_log = metrics_log_for(self.start, self.is_main_process)
 
     @property
     def already_finished(self) -> bool:

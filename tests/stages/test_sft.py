@@ -110,7 +110,9 @@ def test_smoke_sft_writes_a_loadable_model_manifest_metrics_and_samples(smoke_ru
     assert any("eval_loss" in m for m in metrics) and not any("train_runtime" in m for m in metrics)
     samples = next(m["samples"] for m in metrics if "samples" in m)
     assert len(samples) == 1 and samples[0]["prompt"] and isinstance(samples[0]["response"], str)
+    logged = (final.parent / "metrics.jsonl").read_text()
     assert run_sft(load_config(SMOKE, [f"run.output_dir={smoke_run}", *FEW_STEPS])) == final  # finished: skipped
+    assert (final.parent / "metrics.jsonl").read_text() == logged  # and its metrics log is kept whole
 
 
 def test_lora_saves_a_merged_full_model_or_the_adapter_alone(smoke_run):
