@@ -115,18 +115,18 @@ def build_index(folder: Path, embedding: str = "tfidf", model=None, tokenizer=No
     if embedding == "model":
         todo = [(d, p if p is not None and (cache / "vectors" / f"{d.digest}.npy").is_file() else None)
                 for d, p in todo]
-    new_passages = sum(len(split_passages(d)) for d, p in todo if p is None) if embedding == "model" else 0
+    # (document, cached passages or None, its passages): a file not in the cache is split once, here.
+    todo = [(d, found, found if found is not None else split_passages(d)) for d, found in todo]
+    new_passages = sum(len(split) for _, found, split in todo if found is None) if embedding == "model" else 0
     bar = tqdm(total=new_passages, desc="indexing", unit="passage", leave=False,
                disable=not show_progress or new_passages < 500)
-    for document, found in todo:
+    for document, found, file_passages in todo:
         if found is not None:
             report.reused.append(document.source)
-            file_passages = found
             if embedding == "model":
                 vectors.append(np.load(cache / "vectors" / f"{document.digest}.npy"))
         else:
             report.indexed.append(document.source)
-            file_passages = split_passages(document)
             write_atomically(cache / "passages" / f"{document.digest}.json",
                              lambda path: path.write_text(json.dumps([p.text for p in file_passages])))
             if embedding == "model":
