@@ -8,7 +8,7 @@ clipped policy and value updates over shuffled minibatches. The details that dec
 listed in ../shared/PPO_NOTES.md; the math lives in pipeline/rl/, the models and the forwards
 through them in pipeline/ppo/models.py, the rollout and its scoring in pipeline/ppo/experience.py.
 
-Engines (pipeline/train/engines.py): the policy and the value model train as one PolicyAndValue with one AdamW (policy
+Engines (pipeline/train/engines.py, sharding.py): the policy and the value model train as one PolicyAndValue with one AdamW (policy
 and critic learning rates in its parameter groups), because DeepSpeed and FSDP2 prepare one model; its gradient
 norm is clipped as one, as DeepSpeed clips. The reference and the reward model are placed as TRL places them,
 generation gathers sharded weights, and the final policy is gathered on every process before the main one writes.
@@ -50,11 +50,11 @@ from pipeline.run.checkpoints import policy_snapshot_dir
 from pipeline.train.batches import epoch_order
 from pipeline.train.custom_loop import CustomLoop
 from pipeline.train.engines import accumulation_boundary, backward, clipped_gradient_norm, engine_of
-from pipeline.train.sharding import require_fsdp2_internals
 from pipeline.train.entry import run_stage_main, seed_everything, stage_input_model
 from pipeline.train.final_save import save_final_model
 from pipeline.train.guards import fault_point, require_finite_gradient_norms, require_finite_weights
 from pipeline.train.models import count_parameters
+from pipeline.train.sharding import require_fsdp2_internals
 from reward_model.model import load_reward_model, require_same_vocabulary
 from reward_model.normalization import RewardNormalization
 
