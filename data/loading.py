@@ -112,6 +112,8 @@ def load_source(source: DatasetSource, key: str, seed: int) -> tuple[list[dict[s
     else:
         rows = load_hub_split(source, source.split, key)
         evaluation = load_hub_split(source, source.eval_split, key) if source.eval_split else None
+    if source.max_rows is not None:
+        rows = rows[: source.max_rows]
     if evaluation is not None:
         return rows, evaluation
     order = list(range(len(rows)))

@@ -22,6 +22,7 @@ LAYERS = [
     ("reward_model", "pipeline.plan"),
     ("pipeline.ppo",),
     ("pipeline.evaluation",),
+    ("pipeline.scaling",),  # sweeps of pretraining runs, the laws fitted to them, their page
     ("pipeline.cli",),
     ("stages",),
 ]

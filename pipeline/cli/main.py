@@ -7,6 +7,7 @@
     rlhf generate CHECKPOINT --prompt TEXT              sample (greedy, temperature, top-k, top-p)
     rlhf generate CHECKPOINT --docs DIR --prompt Q      answer from the most similar passages of a folder
     rlhf chat CHECKPOINT                                an interactive, streaming chat
+    rlhf sweep CONFIG [key=value ...] [--quick]         pretrain sizes × budgets, fit scaling laws; a page of plots
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--engine", choices=("ddp", "fsdp2", "zero2", "zero3"),
                       help="default: what run.accelerate_config launches, else ddp")
 
+    sweep = commands.add_parser("sweep", help="pretrain a grid of model sizes × compute budgets and fit scaling laws")
+    sweep.add_argument("config", help="YAML run config with an optional sweep: section, e.g. configs/default.yaml")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="also sweep.* keys, e.g. sweep.parallel=2")
+    sweep.add_argument("--quick", action="store_true", help="a small grid of tiny models (about 3 minutes)")
+    sweep.add_argument("--restart", action="store_true", help="train every point again from scratch")
+
     status = commands.add_parser("status", help="which stages of a run are done, in progress, or pending")
     status.add_argument("run_dir", type=Path)
 
@@ -66,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         add_sampling_arguments(command)
 
     arguments = parser.parse_args(argv)
-    if arguments.command in ("compare", "generate", "chat"):  # they load models in this process
+    if arguments.command in ("compare", "generate", "chat", "sweep"):  # they load models in this process
         quiet_transformers()
     try:
         return COMMANDS[arguments.command](arguments)
@@ -137,6 +144,29 @@ def command_plan(arguments: argparse.Namespace) -> int:
     return 0 if all(plan.fits for plan in plans) else 1
 
 
+def command_sweep(arguments: argparse.Namespace) -> int:
+    from pipeline.run.launch import StageFailed
+    from pipeline.scaling.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(arguments.config, arguments.overrides, arguments.quick)
+    set_offline_mode(sweep.config.run.offline)
+    print(f"sweep: {len(sweep.plan.points)} points ({len(sweep.grid.sizes)} sizes × {len(sweep.grid.compute)} "
+          f"budgets{f', {len(sweep.plan.too_short)} under {sweep.grid.min_steps} steps left out' if sweep.plan.too_short else ''}"
+          f") in {sweep.directory}")
+    try:
+        page = run_sweep(sweep, restart=arguments.restart)
+    except StageFailed as failure:
+        print(f"\nerror: {failure}", file=sys.stderr)
+        return failure.code if 0 < failure.code < 128 else 1
+    import json
+
+    from pipeline.scaling.page import summary_sentences
+
+    print("\n" + "\n".join(summary_sentences(json.loads((page.parent / "results.json").read_text()))))
+    print(f"\n{page}\n{page.parent / 'results.json'}")
+    return 0
+
+
 def command_status(arguments: argparse.Namespace) -> int:
     from pipeline.run.launch import stage_status
 
@@ -170,7 +200,8 @@ def command_chat(arguments: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": command_run, "plan": command_plan, "status": command_status, "compare": command_compare,
-            "generate": command_generate, "chat": command_chat}
+            "generate": command_generate, "chat": command_chat,
+            "sweep": command_sweep}
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ class DatasetSource:
     eval_split: str | None = None  # a split of the same dataset to evaluate on
     eval_fraction: float = 0.05  # held out from `split` when there is no eval_split
     name: str | None = None  # hub dataset configuration name
+    max_rows: int | None = None  # read only the first max_rows rows of `split` (a sweep's smaller budgets do)
 
 
 @dataclass

@@ -69,6 +69,8 @@ def validate(config: PipelineConfig, known_stages: tuple[str, ...]) -> None:
         source = getattr(config.data, name)
         if source is not None:
             require(0 < source.eval_fraction < 1, f"data.{name}.eval_fraction: must be within (0, 1)")
+            require(source.max_rows is None or source.max_rows > 0,
+                    f"data.{name}.max_rows: must be positive, got {source.max_rows}")
             if looks_like_local_path(source.path):
                 require(Path(source.path).exists(), f"data.{name}.path: file {source.path} does not exist")
     try:

@@ -101,13 +101,19 @@ def stage_environment(config: PipelineConfig) -> dict[str, str]:
     return environment
 
 
-def run_stage_in_this_process(stage: str, arguments: list[str]) -> None:
-    """The body of a forked stage process: the stage's own entry point, as `python -m stages.<stage>` runs it."""
+def run_stage_in_this_process(stage: str, arguments: list[str], threads: int | None = None,
+                              log_path: Path | None = None) -> None:
+    """The body of a forked stage process: the stage's own entry point, as `python -m stages.<stage>` runs it;
+    with `log_path` its output goes to that file (appended)."""
     import importlib
 
+    if log_path is not None:
+        with open(log_path, "a", encoding="utf-8") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
     # The server imported torch before OMP_NUM_THREADS could matter to it; a forked child reads its thread count
     # afresh at its first operation, from the environment the server was started with.
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     importlib.import_module(f"stages.{stage}").main(arguments)
 
 
@@ -126,9 +132,11 @@ class LocalStageLauncher:
         forkserver.ensure_running()
         return self
 
-    def run(self, stage: str, arguments: list[str]) -> int:
-        """Run one stage to its end; its exit code (negative: the signal that ended it)."""
-        process = self.context.Process(target=run_stage_in_this_process, args=(stage, arguments), name=stage)
+    def run(self, stage: str, arguments: list[str], threads: int | None = None, log_path: Path | None = None) -> int:
+        """Run one stage to its end; its exit code (negative: the signal that ended it). `threads` overrides the
+        thread count (several stages at once share the cores); `log_path` takes its output."""
+        process = self.context.Process(target=run_stage_in_this_process, args=(stage, arguments, threads, log_path),
+                                       name=stage)
         process.start()
         process.join()
         return process.exitcode
@@ -150,15 +158,18 @@ class StageOutcome:
 
 
 def run_stages(config: PipelineConfig, overrides: list[str], restart: set[str],
-               local_launcher: LocalStageLauncher | None = None) -> list[StageOutcome]:
+               local_launcher: LocalStageLauncher | None = None, threads: int | None = None,
+               log_path: Path | None = None) -> list[StageOutcome]:
     """Run the configured stages in order; raise StageFailed naming the first one that fails. Without
     run.accelerate_config each runs in a process forked by `local_launcher` (one is made if none is given).
 
     Each stage is planned here, just before it would start and after its upstream stages have run: a finished
     stage whose input models changed since it was trained (an upstream stage re-ran, model.name_or_path points
     elsewhere) is stale, so its outputs are set aside and it runs again, and so, in turn, does every stage after
-    it whose inputs that changes."""
+    it whose inputs that changes. With `log_path` the banners and the stages' output go to that file, and
+    `threads` sets each local stage's thread count (a sweep trains several small models at once)."""
     outcomes = []
+    banner = print_banner if log_path is None else lambda text: append_banner(log_path, text)
     # On the other machines of a multi-machine run this process only reads the run directory: the stage processes
     # of rank 0 decide and move files, and the stage processes of every machine make the same decision.
     main_machine = machine_rank(config) == 0
@@ -177,11 +188,13 @@ def run_stages(config: PipelineConfig, overrides: list[str], restart: set[str],
         began = time.time()
         # The stage plans its own start again and, finding what this process left, makes the same decision.
         if config.run.accelerate_config:
-            code = subprocess.call(launch_command(config, stage, overrides),
-                                   env={**os.environ, **stage_environment(config)})
+            with open(log_path or os.devnull, "a", encoding="utf-8") as log:
+                code = subprocess.call(launch_command(config, stage, overrides),
+                                       env={**os.environ, **stage_environment(config)},
+                                       **({"stdout": log, "stderr": subprocess.STDOUT} if log_path else {}))
         else:
             local_launcher = local_launcher or LocalStageLauncher(config).start()
-            code = local_launcher.run(stage, stage_arguments(config, overrides))
+            code = local_launcher.run(stage, stage_arguments(config, overrides), threads, log_path)
         if code != 0:
             raise StageFailed(stage, code)
         banner(f"{stage}: done in {time.time() - began:.0f}s")
@@ -196,8 +209,13 @@ def outcome(config: PipelineConfig, stage: str, status: str) -> StageOutcome:
                         (manifest.get("metrics") or {}).get(key))
 
 
-def banner(text: str) -> None:
+def print_banner(text: str) -> None:
     print(f"\n==== {text} ====", flush=True)
+
+
+def append_banner(log_path: Path, text: str) -> None:
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"\n==== {text} ====\n")
 
 
 def summary_table(outcomes: list[StageOutcome]) -> str:
