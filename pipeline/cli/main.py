@@ -108,7 +108,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 def command_run(arguments: argparse.Namespace) -> int:
     from pipeline.plan.memory_plan import check_run_fits
     from pipeline.run.launch import (
-        LocalStageLauncher, StageFailed, machine_rank, run_directory_lock, run_stages, summary_table)
+        LocalStageLauncher,
+        StageFailed,
+        machine_rank,
+        run_directory_lock,
+        run_stages,
+        summary_table,
+    )
     from pipeline.run.preflight import preflight
 
     config = load_config(arguments.config, arguments.overrides)

@@ -76,6 +76,10 @@ INITIAL_GRID = {"a": (0.0, 5.0, 10.0, 20.0), "b": (0.0, 5.0, 10.0, 20.0), "e": (
                 "alpha": (0.0, 0.5, 1.0), "beta": (0.0, 0.5, 1.0)}
 
 
+# a, b ∈ [−20, 60] and e ∈ [−10, 5] keep A, B, E representable (exp(−800) is 0); α, β ∈ [0, 3].
+LOG_SPACE_BOUNDS = [(-20.0, 60.0), (-20.0, 60.0), (-10.0, 5.0), (0.0, 3.0), (0.0, 3.0)]
+
+
 def fit_loss_law(parameters: np.ndarray, tokens: np.ndarray, losses: np.ndarray,
                  starts: list[np.ndarray] | None = None) -> tuple[LossLaw, float]:
     """The law that best fits the points (approach 3) and its summed Huber loss."""
@@ -87,7 +91,7 @@ def fit_loss_law(parameters: np.ndarray, tokens: np.ndarray, losses: np.ndarray,
     best, best_value = None, math.inf
     for start in starts:
         result = minimize(objective_and_gradient, start, args=(log_n, log_d, log_l), jac=True, method="L-BFGS-B",
-                          bounds=[(None, None)] * 3 + [(0.0, 3.0)] * 2)
+                          bounds=LOG_SPACE_BOUNDS)
         if result.fun < best_value:
             best, best_value = result.x, float(result.fun)
     a, b, e, alpha, beta = best

@@ -51,7 +51,7 @@ class SweepGrid:
     sizes: list[ModelSize]
     compute: list[float]  # FLOPs, C = 6 N D
     min_steps: int = 20
-    probe_steps: int = 100  # story-question fine-tuning steps of the reading probe (0: no probe)
+    probe_steps: int = 200  # story-question fine-tuning steps of the reading probe (0: no probe)
     probe_questions: int = 100  # held-out story questions the probe asks
     holdout_budgets: int = 1  # the largest compute budgets left out of the fit and predicted by it
     bootstrap: int = 200  # refits on resampled points, for the intervals
@@ -79,10 +79,10 @@ DEFAULT_GRID = {
 }
 
 
-# `--quick`: 4 sizes spanning 27× × 3 budgets on blocks of 8 × 64 tokens, a short probe; about 3 minutes.
+# `--quick`: 5 sizes spanning 64× × 4 budgets on blocks of 8 × 64 tokens, a short probe; about 3 minutes.
 QUICK_GRID = {
-    "sizes": [[1, 32, 2], [2, 48, 2], [2, 64, 2], [3, 96, 3]],
-    "compute": [1.2e10, 2.4e10, 4.8e10],
+    "sizes": [[1, 32, 2], [2, 48, 2], [2, 64, 2], [3, 96, 3], [4, 128, 4]],
+    "compute": [1.2e10, 2.4e10, 4.8e10, 9.6e10],
     "min_steps": 10,
     "probe_steps": 40,
     "probe_questions": 50,

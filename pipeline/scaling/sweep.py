@@ -41,10 +41,18 @@ from pipeline.run.files import atomic_directory, write_json_atomically
 from pipeline.run.launch import LocalStageLauncher, StageFailed, run_stages
 from pipeline.run.manifests import read_manifest
 from pipeline.run.stage_graph import cached_directory_digest
-from pipeline.scaling.fit import (
-    LossLaw, bootstrap_intervals, fit_loss_law, isoflop_profiles, power_law_through)
+from pipeline.scaling.fit import LossLaw, bootstrap_intervals, fit_loss_law, isoflop_profiles, power_law_through
 from pipeline.scaling.grid import (
-    QUICK_GRID, QUICK_OVERRIDES, GridPlan, ModelSize, SweepGrid, SweepPoint, parse_grid, plan_points, tokens_per_step)
+    QUICK_GRID,
+    QUICK_OVERRIDES,
+    GridPlan,
+    ModelSize,
+    SweepGrid,
+    SweepPoint,
+    parse_grid,
+    plan_points,
+    tokens_per_step,
+)
 from pipeline.scaling.probe import reading_probe
 
 
@@ -348,8 +356,8 @@ def run_sweep(sweep: Sweep, restart: bool = False) -> Path:
             progress.set_postfix(last=point.name, loss=f"{records[point.name]['eval_loss']:.3f}")
             progress.update(1)
 
-        # Largest first, so the small points that run two at a time fill the end.
-        order = sorted(points, key=lambda p: -p.size.non_embedding_parameters() * p.steps)
+        # Smallest budgets first: the first points of the fit arrive soon, and a sweep cut short has the cheap ones.
+        order = sorted(points, key=lambda p: (p.compute, p.steps))
         with ThreadPoolExecutor(sweep.grid.parallel) as pool:
             for future in [pool.submit(train, point) for point in order]:
                 future.result()
