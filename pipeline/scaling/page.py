@@ -148,8 +148,8 @@ def summary_sentences(results: dict[str, Any]) -> list[str]:
     law, run = results.get("law"), results["config_run"]
     if not law:
         return [results.get("law_reason", "no law fitted")]
-    sentences = [f"L(N, D) = {law['E']:.3f} + {law['A']:.4g} / N^{law['alpha']:.3f} + {law['B']:.4g} / D^{law['beta']:.3f} "
-                 f"(N non-embedding parameters, D tokens, loss in nats per token)."]
+    sentences = [(f"L(N, D) = {law['E']:.3f} + {law['A']:.4g} / N^{law['alpha']:.3f} + {law['B']:.4g} / "
+                  f"D^{law['beta']:.3f} (N non-embedding parameters, D tokens, loss in nats per token).")]
     holdout = results.get("holdout")
     if holdout:
         sentences.append(f"Fitted on the {holdout['fitted_runs']} runs below C = {scientific(holdout['fitted_below_compute'])}, "

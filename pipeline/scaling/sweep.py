@@ -60,6 +60,7 @@ from pipeline.scaling.probe import reading_probe
 class Sweep:
     config: PipelineConfig  # the base config: every point is it with its size and steps overridden
     raw: dict[str, Any]  # the same as YAML would hold it, without the sweep section: what the points' stages read
+    config_run: dict[str, Any]  # the config's own pretraining as a point (before --quick's smaller batches)
     grid: SweepGrid
     plan: GridPlan
     directory: Path
@@ -77,8 +78,11 @@ def load_sweep(config_path: str | Path | None, overrides: list[str], quick: bool
     if quick:
         grid_raw = dict(QUICK_GRID)
     sweep_overrides = {"sweep": grid_raw if isinstance(grid_raw, dict) else {}}
-    for override in (QUICK_OVERRIDES if quick else []) + list(overrides):
+    for override in overrides:
         apply_override(sweep_overrides if override.startswith("sweep.") else raw, override)
+    config_run = config_run_point(config_from_mapping(copy.deepcopy(raw)))
+    for override in QUICK_OVERRIDES if quick else []:
+        apply_override(raw, override)
     if grid_raw is not None and not isinstance(grid_raw, dict):
         raise ConfigError(f"sweep: must be a mapping, got {type(grid_raw).__name__}")
     grid = parse_grid(sweep_overrides["sweep"])
@@ -93,7 +97,7 @@ def load_sweep(config_path: str | Path | None, overrides: list[str], quick: bool
     processes = 1  # a point's batch is per process; a multi-process sweep would train on that many times more
     plan = plan_points(grid, config, processes)
     suffix = "-sweep-quick" if quick else "-sweep"
-    return Sweep(config, raw, grid, plan, Path(config.run.output_dir) / f"{config.run.name}{suffix}", quick)
+    return Sweep(config, raw, config_run, grid, plan, Path(config.run.output_dir) / f"{config.run.name}{suffix}", quick)
 
 
 # ---------------------------------------------------------------- the corpus, once
@@ -271,12 +275,12 @@ def config_run_point(config: PipelineConfig) -> dict[str, float]:
             "non_embedding_parameters": parameters, "tokens": tokens, "compute": 6.0 * parameters * tokens}
 
 
-def analyse(runs: list[dict[str, Any]], grid: SweepGrid, config: PipelineConfig) -> dict[str, Any]:
+def analyse(runs: list[dict[str, Any]], grid: SweepGrid, config_run: dict[str, Any], seed: int) -> dict[str, Any]:
     """Approach 3's law with bootstrap intervals, its predictions of the held-out largest budgets, approach 2's
     frontier, and the compute-optimal split of a few budgets."""
     usable = [run for run in runs if run.get("eval_loss") is not None and math.isfinite(run["eval_loss"])]
     sizes, budgets = {r["non_embedding_parameters"] for r in usable}, sorted({r["compute"] for r in usable})
-    analysis: dict[str, Any] = {"config_run": config_run_point(config)}
+    analysis: dict[str, Any] = {"config_run": dict(config_run)}
     profiles = isoflop_profiles(usable)
     frontier = [(p.compute, p.optimal_parameters) for p in profiles if p.optimal_parameters]
     fitted_frontier = power_law_through([c for c, _ in frontier], [n for _, n in frontier])
@@ -294,13 +298,20 @@ def analyse(runs: list[dict[str, Any]], grid: SweepGrid, config: PipelineConfig)
                                                                               "eval_loss")]
     law, objective = fit_loss_law(*arrays)
     analysis["law"] = {**law.as_dict(), "huber_objective": objective,
-                       "intervals_90": bootstrap_intervals(*arrays, law, grid.bootstrap, config.run.seed),
+                       "intervals_90": bootstrap_intervals(*arrays, law, grid.bootstrap, seed),
                        "runs": len(usable)}
     analysis["law"]["optimal_parameters_exponent"] = law.beta / (law.alpha + law.beta)
     analysis["holdout"] = holdout_prediction(usable, budgets, grid.holdout_budgets)
     run = analysis["config_run"]
     run["predicted_loss"] = law.loss(run["non_embedding_parameters"], run["tokens"])
-    choices = sorted(set(budgets) | {run["compute"]})
+    # What 45 minutes of pretraining buys here, at the rate (6ND per wall-clock second, evaluation and saving
+    # included) of the largest size trained: the quality preset's budget for the whole pipeline is 45 minutes.
+    largest = max(sizes)
+    rates = [6 * r["non_embedding_parameters"] * r["tokens"] / r["wall_time_s"] for r in usable
+             if r["non_embedding_parameters"] == largest and r.get("wall_time_s")]
+    analysis["flops_per_second"] = float(np.median(rates)) if rates else None
+    analysis["compute_in_45_minutes"] = 2700 * analysis["flops_per_second"] if rates else None
+    choices = sorted(set(budgets) | {run["compute"]} | ({analysis["compute_in_45_minutes"]} if rates else set()))
     analysis["compute_optimal"] = [dict(zip(("compute", "non_embedding_parameters", "tokens"),
                                             (c, *law.compute_optimal(c))), predicted_loss=law.loss(*law.compute_optimal(c)))
                                    for c in choices]
@@ -373,7 +384,7 @@ def run_sweep(sweep: Sweep, restart: bool = False) -> Path:
         "grid": {**asdict(sweep.grid), "sizes": [asdict(s) for s in sweep.grid.sizes]},
         "runs": runs,
         "too_short": [{"name": p.name, "steps": p.steps, "compute": p.compute} for p in sweep.plan.too_short],
-        **analyse(runs, sweep.grid, sweep.config)}
+        **analyse(runs, sweep.grid, sweep.config_run, sweep.config.run.seed)}
     write_json_atomically(sweep.directory / "results.json", results)
     return write_page(sweep.directory, results)
 
