@@ -35,3 +35,14 @@ def test_damaged_files_are_data_errors_not_tracebacks(tmp_path):
             read_rows(tmp_path / name)
     with pytest.raises(DataError, match="cannot be read"):
         read_bytes(tmp_path)  # a directory where a file should be
+
+
+def test_max_rows_reads_only_the_first_rows_and_keeps_the_eval_split_whole(tmp_path):
+    from data.loading import load_source
+    from pipeline.config.schema import DatasetSource
+
+    train, evaluation = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(10)))
+    evaluation.write_text("".join(json.dumps({"text": f"held {i}"}) + "\n" for i in range(4)))
+    rows, held = load_source(DatasetSource(str(train), eval_split=str(evaluation), max_rows=3), "data.pretrain", 0)
+    assert [r["text"] for r in rows] == ["row 0", "row 1", "row 2"] and len(held) == 4
