@@ -32,13 +32,14 @@ STAGES = ("pretrain", "sft", "reward", "ppo")
 RUN_TIME_FILE = "alignment_run_time.json"  # in a run directory: how long its `rlhf run` took from empty
 
 
-def run_seed(config: Path, output_dir: Path, seed: int) -> Path:
-    """`rlhf run` for one seed (reusing whatever already finished); the run directory. A run that starts from an
-    empty directory records its whole wall time (process starts and the report included) in RUN_TIME_FILE."""
-    run_dir = output_dir / f"seed-{seed}"
+def run_seed(config: Path, output_dir: Path, seed: int, overrides: tuple[str, ...] = (), name: str = "") -> Path:
+    """`rlhf run` for one seed (reusing whatever already finished), with `overrides`, in OUTPUT_DIR/<name>seed-<seed>;
+    the run directory. A run that starts from an empty directory records its whole wall time (process starts and
+    the report included) in RUN_TIME_FILE."""
+    run_dir = output_dir / f"{name}seed-{seed}"
     from_empty = not run_dir.exists()
     command = [sys.executable, "-m", "pipeline.cli", "run", str(config), f"run.seed={seed}",
-               f"run.name=seed-{seed}", f"run.output_dir={output_dir}"]
+               f"run.name={run_dir.name}", f"run.output_dir={output_dir}", *overrides]
     print(f"[alignment] seed {seed}: {' '.join(command[2:])}", flush=True)
     began = time.time()
     subprocess.run(command, cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
