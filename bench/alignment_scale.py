@@ -25,9 +25,9 @@ from side_by_side import machine_description
 
 sys.path.insert(0, str(REPO))
 
-from pipeline.config.loading import load_config  # noqa: E402
-from pipeline.evaluation.charts import ChartSeries, xy_chart  # noqa: E402
-from pipeline.scaling.grid import ModelSize, tokens_per_step  # noqa: E402
+from pipeline.config.loading import load_config
+from pipeline.evaluation.charts import ChartSeries, xy_chart
+from pipeline.scaling.grid import ModelSize, tokens_per_step
 
 # Three pretraining scales around the default run (4 × 128, 400 steps, C ≈ 4e12): a smaller model on the same
 # steps, the default, and a wider model trained 3× longer (C ≈ 2.6e13).

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from pipeline.scaling.fit import (
-    LossLaw, bootstrap_intervals, fit_loss_law, huber, isoflop_profiles, objective_and_gradient, power_law_through)
+    LossLaw,
+    bootstrap_intervals,
+    fit_loss_law,
+    huber,
+    isoflop_profiles,
+    objective_and_gradient,
+    power_law_through,
+)
 
 TRUE = LossLaw(E=1.7, A=400.0, alpha=0.34, B=410.0, beta=0.28)  # Hoffmann et al.'s law, rounded
 
@@ -41,7 +48,7 @@ def test_bootstrap_intervals_hold_the_fit_and_widen_with_noise():
 def test_objective_gradient_matches_finite_differences():
     n, d, losses, _ = grid_of_runs(TRUE, noise=0.01)
     theta = np.array([5.0, 6.0, 0.3, 0.4, 0.3])
-    value, gradient = objective_and_gradient(theta, np.log(n), np.log(d), np.log(losses))
+    _, gradient = objective_and_gradient(theta, np.log(n), np.log(d), np.log(losses))
     for i in range(5):
         step = np.zeros(5)
         step[i] = 1e-6
@@ -65,7 +72,7 @@ def test_compute_optimal_split_minimises_the_loss_at_that_budget():
 
 
 def test_isoflop_profiles_find_the_optimal_size_and_say_when_it_is_outside():
-    n, d, losses, c = grid_of_runs(TRUE, noise=0.0)
+    n, _, losses, c = grid_of_runs(TRUE, noise=0.0)
     runs = [{"compute": cc, "non_embedding_parameters": nn, "eval_loss": ll} for cc, nn, ll in zip(c, n, losses)]
     profiles = isoflop_profiles(runs)
     for profile in profiles:

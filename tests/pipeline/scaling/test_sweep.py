@@ -73,7 +73,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_points(tmp_path):
     written = finished.stat().st_mtime_ns
     assert not (points / "1x16-C1.00e08" / "pretrain" / "final").exists()
 
-    again = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode == 0, again.stderr[-2000:]
     assert finished.stat().st_mtime_ns == written
     assert "pretrain: finished earlier, skipped" in (points / "1x32-C1.00e08" / "log.txt").read_text()
