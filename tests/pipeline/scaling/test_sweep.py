@@ -93,3 +93,19 @@ def test_a_bad_grid_is_one_line_exit_2_before_anything_is_written(tmp_path, caps
     error = capsys.readouterr().err.strip()
     assert error.startswith(message) and "\n" not in error
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_plain_text_corpus_is_split_at_blank_lines_with_a_seeded_held_out_share(tmp_path):
+    from pipeline.config.loading import config_from_mapping
+    from pipeline.scaling.sweep import paragraphs_of_text_file, user_corpus
+
+    text = tmp_path / "plays.txt"
+    text.write_text("\n\n".join(f"SPEAKER {i}:\nline {i}" for i in range(40)) + "\n\n\n")
+    assert paragraphs_of_text_file(text)[:2] == ["SPEAKER 0:\nline 0", "SPEAKER 1:\nline 1"]
+    config = config_from_mapping({"data": {"pretrain": {"path": str(text), "eval_fraction": 0.1}}})
+    train, held = user_corpus(config)
+    assert len(train) == 36 and len(held) == 4 and not set(train) & set(held)
+    assert user_corpus(config) == (train, held)
+    (tmp_path / "one.txt").write_text("just one block\n")
+    with pytest.raises(Exception, match="fewer than two blocks"):
+        paragraphs_of_text_file(tmp_path / "one.txt")
