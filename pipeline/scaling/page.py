@@ -146,8 +146,11 @@ def probe_chart(results: dict[str, Any]) -> str:
 
 def summary_sentences(results: dict[str, Any]) -> list[str]:
     law, run = results.get("law"), results["config_run"]
+    left_out = results.get("left_out_of_fit") or []
+    note = ([f"{len(left_out)} runs of fewer than {results['grid']['fit_min_steps']} steps are drawn but left out of "
+             f"the fits: {', '.join(left_out)}."] if left_out else [])
     if not law:
-        return [results.get("law_reason", "no law fitted")]
+        return [results.get("law_reason", "no law fitted"), *note]
     sentences = [(f"L(N, D) = {law['E']:.3f} + {law['A']:.4g} / N^{law['alpha']:.3f} + {law['B']:.4g} / "
                   f"D^{law['beta']:.3f} (N non-embedding parameters, D tokens, loss in nats per token).")]
     holdout = results.get("holdout")
@@ -155,6 +158,7 @@ def summary_sentences(results: dict[str, Any]) -> list[str]:
         sentences.append(f"Fitted on the {holdout['fitted_runs']} runs below C = {scientific(holdout['fitted_below_compute'])}, "
                          f"the law predicts the {len(holdout['predictions'])} held-out runs with a mean error of "
                          f"{holdout['mean_relative_error']:.1%} (largest {holdout['max_relative_error']:.1%}).")
+    sentences += note
     optimal = next((c for c in results["compute_optimal"] if c["compute"] == run["compute"]), None)
     if optimal:
         sentences.append(f"{run['name']}: C = {scientific(run['compute'])}, N = {run['non_embedding_parameters']:,}, "

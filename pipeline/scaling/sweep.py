@@ -278,9 +278,11 @@ def config_run_point(config: PipelineConfig) -> dict[str, float]:
 def analyse(runs: list[dict[str, Any]], grid: SweepGrid, config_run: dict[str, Any], seed: int) -> dict[str, Any]:
     """Approach 3's law with bootstrap intervals, its predictions of the held-out largest budgets, approach 2's
     frontier, and the compute-optimal split of a few budgets."""
-    usable = [run for run in runs if run.get("eval_loss") is not None and math.isfinite(run["eval_loss"])]
+    usable = [run for run in runs if run.get("eval_loss") is not None and math.isfinite(run["eval_loss"])
+              and run["steps"] >= grid.fit_min_steps]
     sizes, budgets = {r["non_embedding_parameters"] for r in usable}, sorted({r["compute"] for r in usable})
-    analysis: dict[str, Any] = {"config_run": dict(config_run)}
+    analysis: dict[str, Any] = {"config_run": dict(config_run),
+                                "left_out_of_fit": [run["name"] for run in runs if run not in usable]}
     profiles = isoflop_profiles(usable)
     frontier = [(p.compute, p.optimal_parameters) for p in profiles if p.optimal_parameters]
     fitted_frontier = power_law_through([c for c, _ in frontier], [n for _, n in frontier])

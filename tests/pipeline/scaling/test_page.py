@@ -26,11 +26,14 @@ def synthetic_runs(noise: float = 0.002):
 
 def test_analysis_fits_the_law_predicts_held_out_budgets_and_splits_budgets():
     runs = synthetic_runs()
+    # A run still in its warmup transient: drawn, named, not fitted.
+    runs.append({**runs[0], "name": "transient", "steps": 10, "eval_loss": 4.0})
     config_run = {"name": "this config's run", "non_embedding_parameters": 8e5, "tokens": 8e5, "compute": 3.84e12}
     analysis = analyse(runs, SweepGrid(sizes=[], compute=[], bootstrap=10, holdout_budgets=1), config_run, seed=0)
     law = analysis["law"]
     assert law["alpha"] == pytest.approx(TRUE.alpha, abs=0.03) and law["beta"] == pytest.approx(TRUE.beta, abs=0.03)
-    assert set(law["intervals_90"]) == {"E", "A", "alpha", "B", "beta"}
+    assert set(law["intervals_90"]) == {"E", "A", "alpha", "B", "beta"} and law["runs"] == 30
+    assert analysis["left_out_of_fit"] == ["transient"]
     holdout = analysis["holdout"]
     assert holdout["fitted_below_compute"] == 4e12 and len(holdout["predictions"]) == 6
     assert holdout["mean_relative_error"] < 0.02
@@ -41,10 +44,12 @@ def test_analysis_fits_the_law_predicts_held_out_budgets_and_splits_budgets():
     assert frontier == pytest.approx(TRUE.beta / (TRUE.alpha + TRUE.beta), abs=0.1)
 
     results = {"date": "2026-12-06", "machine": "2 CPU cores", "seconds": 1, "config": "x.yaml",
-               "corpus": {"builtin": True}, "grid": {"min_steps": 20}, "runs": runs,
+               "corpus": {"builtin": True}, "grid": {"min_steps": 20, "fit_min_steps": 100}, "runs": runs,
                "too_short": [{"name": "big-2.5e11", "steps": 11, "compute": 2.5e11}], **analysis}
     page = render_page(results)
     assert page.count("<svg") == 5
     assert "Hoffmann et al. 2022, approach 3" in page and f"{law['alpha']:.3g}" in page
     assert "big-2.5e11: 11 steps" in page
-    assert any("held-out runs with a mean error" in s for s in summary_sentences(results))
+    sentences = summary_sentences(results)
+    assert any("held-out runs with a mean error" in s for s in sentences)
+    assert any("left out of the fits: transient" in s for s in sentences)

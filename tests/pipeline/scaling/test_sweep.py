@@ -22,7 +22,7 @@ TINY = {
     "tokenizer": {"vocab_size": 512, "training_texts": 500},
     "data": {"builtin": {"pretrain_stories": 1000, "pretrain_eval_stories": 50}},
     "pretrain": {"per_device_train_batch_size": 4, "seq_length": 32, "eval_batches": 2, "per_device_eval_batch_size": 8},
-    "sweep": {"sizes": [[1, 16, 2], [1, 32, 2]], "compute": [1.0e8, 2.0e8], "min_steps": 2, "probe_steps": 5,
+    "sweep": {"sizes": [[1, 16, 2], [1, 32, 2]], "compute": [1.0e8, 2.0e8], "min_steps": 2, "fit_min_steps": 2, "probe_steps": 5,
               "probe_questions": 8, "bootstrap": 5},
 }
 
