@@ -350,6 +350,11 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores, {processor}"
 
 
+def available_cores() -> int:
+    """The cores this process may run on: `taskset -c 0 rlhf sweep ...` leaves the other core to another job."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 # ---------------------------------------------------------------- the command
 def run_sweep(sweep: Sweep, restart: bool = False) -> Path:
     """Train and probe every point (resuming), fit, and write results.json and scaling.html; returns the page."""
@@ -360,7 +365,7 @@ def run_sweep(sweep: Sweep, restart: bool = False) -> Path:
     corpus = prepare_corpus(sweep)
     points = sweep.plan.points
     launcher = None if sweep.config.run.accelerate_config else LocalStageLauncher(sweep.config).start()
-    threads = max(1, (os.cpu_count() or 1) // sweep.grid.parallel)
+    threads = max(1, available_cores() // sweep.grid.parallel)
     records: dict[str, dict[str, Any]] = {}
     began = datetime.datetime.now()
     with tqdm(total=len(points), desc="sweep", unit="point") as progress:
@@ -379,7 +384,7 @@ def run_sweep(sweep: Sweep, restart: bool = False) -> Path:
     runs = [records[point.name] for point in points]
     results = {
         "date": began.strftime("%Y-%m-%d"), "machine": machine(),
-        "seconds": round((datetime.datetime.now() - began).total_seconds()),
+        "seconds": round((datetime.datetime.now() - began).total_seconds()), "threads_per_point": threads,
         "config": sweep.config.source, "quick": sweep.quick, "corpus": {"builtin": corpus.builtin, "rows": corpus.rows,
                                                                        "tokens_per_row": corpus.tokens_per_row},
         "tokens_per_step": tokens_per_step(sweep.config),

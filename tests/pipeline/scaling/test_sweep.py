@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from pipeline.cli.main import main
+from pipeline.scaling.sweep import available_cores
 from tests.helpers import REPO, environment
 
 pytestmark = pytest.mark.slow
@@ -48,6 +49,7 @@ def test_a_four_point_sweep_writes_every_run_and_the_page(tmp_path, capsys):
     losses = {run["name"]: run["eval_loss"] for run in results["runs"]}
     assert losses["1x16-C2.00e08"] < losses["1x16-C1.00e08"]
     assert results["law"] is None and "needs at least 6 runs" in results["law_reason"]
+    assert results["threads_per_point"] == available_cores()
     page = (directory / "scaling.html").read_text()
     assert "<svg" in page and "1x32-C2.00e08" in page and "Reading probe" in page
     assert "needs at least 6 runs" in capsys.readouterr().out
@@ -109,3 +111,15 @@ def test_a_plain_text_corpus_is_split_at_blank_lines_with_a_seeded_held_out_shar
     (tmp_path / "one.txt").write_text("just one block\n")
     with pytest.raises(Exception, match="fewer than two blocks"):
         paragraphs_of_text_file(tmp_path / "one.txt")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this platform")
+def test_available_cores_follows_the_affinity_mask():
+    # `taskset -c 0` gives a sweep one core: it must train on one thread, not on os.cpu_count().
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert available_cores() == 1
+    finally:
+        os.sched_setaffinity(0, before)
+    assert available_cores() == len(before)
