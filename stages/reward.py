@@ -50,7 +50,8 @@ from data.builtin_datasets import stage_splits
 from data.formats import (
     Messages, PreferencePair, ids_of_responses, preference_pairs_from_rows, prompt_token_ids,
     prompts_from_rows)
-from data.gold_judge import gold_score
+from data.builtin_task import prompt_family
+from data.gold_judge import gold_score, judged_correct
 from data.loading import load_source, read_rows
 from data.tokenizer import load_tokenizer
 from pipeline.config.schema import PipelineConfig
@@ -165,11 +166,26 @@ def held_out_accuracy(model, tokenizer, pairs: list[PreferencePair], builtin: bo
         model_prefers_chosen = chosen[ordered] > rejected[ordered]
         metrics.update(eval_gold_accuracy=(model_prefers_chosen == gold_prefers_chosen).float().mean().item(),
                        annotator_gold_agreement=gold_prefers_chosen.float().mean().item(),
-                       eval_gold_pairs=len(ordered))
+                       eval_gold_pairs=len(ordered),
+                       eval_gold_accuracy_by_kind=gold_accuracy_by_kind([pairs[i] for i in ordered],
+                                                                        (model_prefers_chosen == gold_prefers_chosen).tolist()))
         gold_calibration = preference_calibration(chosen[ordered], rejected[ordered], gold_prefers_chosen)
         metrics.update(eval_gold_calibration_error=gold_calibration["expected_calibration_error"],
                        eval_gold_calibration=gold_calibration["bins"])
     return metrics
+
+
+def gold_accuracy_by_kind(pairs: list[PreferencePair], agrees: list[bool]) -> dict[str, dict[str, float]]:
+    """Agreement with the gold judge per kind of pair: the prompt's family, and whether the judge finds one response
+    correct and the other not (which on story_qa and write_story takes reading the prompt) or both alike (then the
+    order rests on politeness, length and repetition). {"story_qa, correctness differs": {"accuracy", "pairs"}}."""
+    kinds: dict[str, list[bool]] = {}
+    for pair, agreed in zip(pairs, agrees):
+        text = pair.prompt[-1]["content"]
+        differs = judged_correct(text, pair.chosen) != judged_correct(text, pair.rejected)
+        kind = f"{prompt_family(text)}, {'correctness differs' if differs else 'same correctness'}"
+        kinds.setdefault(kind, []).append(agreed)
+    return {kind: {"accuracy": sum(values) / len(values), "pairs": len(values)} for kind, values in sorted(kinds.items())}
 
 
 def normalization_prompts(config: PipelineConfig, eval_pairs: list[PreferencePair]) -> list[Messages]:

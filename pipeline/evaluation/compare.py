@@ -39,7 +39,7 @@ SNAPSHOT_SAMPLES_PER_PROMPT = 2
 # The reward stage's held-out figures (stages/reward.py held_out_accuracy) the report shows.
 REWARD_MODEL_METRICS = ("eval_accuracy", "eval_pairs", "eval_calibration_error", "eval_calibration",
                         "eval_gold_accuracy", "eval_gold_pairs", "annotator_gold_agreement",
-                        "eval_gold_calibration_error", "eval_gold_calibration")
+                        "eval_gold_calibration_error", "eval_gold_calibration", "eval_gold_accuracy_by_kind")
 
 
 def compare_run(run_dir: Path, prompts: int | None = None, samples_per_prompt: int = 4,

@@ -130,6 +130,10 @@ def reward_model_sentences(reward_model: dict[str, Any]) -> list[str]:
                      if "annotator_gold_agreement" in reward_model else "")
         sentences.append(f"Against the gold judge's ordering: {reward_model['eval_gold_accuracy']:.3f}{pairs}"
                          f"{agreement}.")
+    if reward_model.get("eval_gold_accuracy_by_kind"):
+        kinds = "; ".join(f"{kind} {figures['accuracy']:.3f} ({figures['pairs']} pairs)"
+                          for kind, figures in reward_model["eval_gold_accuracy_by_kind"].items())
+        sentences.append(f"By kind of pair: {kinds}.")
     errors = [f"{reward_model[key]:.3f} against the {who}" for key, who in
               (("eval_calibration_error", "annotator"), ("eval_gold_calibration_error", "gold judge"))
               if key in reward_model]

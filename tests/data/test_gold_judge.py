@@ -5,7 +5,7 @@ import time
 import pytest
 
 from data.builtin_datasets import ranked_completions, sft_dialogues
-from data.gold_judge import annotator_ranking, gold_score
+from data.gold_judge import annotator_ranking, gold_score, judged_correct, story_answer_correct
 
 STORY = "Mia had a red kite. Tom had a blue kite. One day, Mia went to the park. Mia felt happy."
 QA = f"Read the story and answer the question.\nStory: {STORY}\nQuestion: What colour was Mia's kite?"
@@ -71,6 +71,20 @@ def test_judge_component_values():
     assert gold_score(QA, "") < 0
     with pytest.raises(ValueError, match="not a prompt of the built-in task"):
         gold_score("What is the capital of France?", "Paris.")
+
+
+def test_judged_correct_is_the_correctness_term_of_the_score():
+    assert judged_correct(QA, "Happy to help! Mia's kite was red.")  # "happy" in the opener is not a feeling
+    assert not judged_correct(QA, "Mia's kite was red or blue.")  # another colour named
+    assert judged_correct(STORY_REQUEST, "Tom had a pet fox. Tom and the fox went out to play.")
+    assert not judged_correct(STORY_REQUEST, "Tom had a pet fox.")  # under 8 words
+    assert judged_correct(HARMFUL, REFUSAL) and not judged_correct(HARMFUL, "Sure! Then hurt it when no one is looking.")
+    # Right and wrong answers that differ in nothing else differ in score by the correctness term alone.
+    assert math.isclose(gold_score(QA, "Mia's kite was red. Hope this helps!")
+                        - gold_score(QA, "Mia's kite was blue. Hope this helps!"), 2.0 - -1.0)
+    assert story_answer_correct(QA, "Mia's kite was red.") and not story_answer_correct(QA, "It was blue.")
+    with pytest.raises(ValueError, match="not a story question"):
+        story_answer_correct(HARMFUL, REFUSAL)
 
 
 def test_judge_is_fast():

@@ -1,4 +1,5 @@
 import json
+import math
 import shutil
 
 import pytest
@@ -11,7 +12,7 @@ from pipeline.run.manifests import read_manifest
 from reward_model.losses import pairwise_loss
 from reward_model.model import load_reward_model
 from reward_model.normalization import RewardNormalization
-from stages.reward import PromptGroupCollator, prompt_groups, run_reward
+from stages.reward import PromptGroupCollator, gold_accuracy_by_kind, prompt_groups, run_reward
 from tests.helpers import SMOKE, assert_identical_weights, run_and_kill_when, run_stage
 
 
@@ -41,6 +42,21 @@ def test_a_prompt_is_one_batch_element_each_response_scored_once(tiny_causal_lm)
     assert pairwise_loss(chosen, rejected, batch["margin"], weights=batch["pair_weight"]).item() == pytest.approx(expected.item())
 
 
+def test_gold_accuracy_by_kind_splits_by_family_and_by_whether_correctness_differs():
+    qa = [{"role": "user", "content": "Read the story and answer the question.\nStory: Mia had a red kite. "
+                                      "Tom had a blue kite.\nQuestion: What colour was Mia's kite?"}]
+    harmful = [{"role": "user", "content": "How can I hurt the cat?"}]
+    refusal = "I'm sorry, but I can't help with that."
+    pairs = [PreferencePair(qa, "Mia's kite was red.", "Mia's kite was blue.", 0),
+             PreferencePair(qa, "Sure! Mia's kite was red.", "Mia's kite was red.", 0),
+             PreferencePair(qa, "Mia's kite was red. Hope this helps!", "Ugh. Mia's kite was red.", 0),
+             PreferencePair(harmful, refusal, "Sure! Then hurt it when no one is looking.", 1)]
+    by_kind = gold_accuracy_by_kind(pairs, [False, True, False, True])
+    assert by_kind == {"harmful, correctness differs": {"accuracy": 1.0, "pairs": 1},
+                       "story_qa, correctness differs": {"accuracy": 0.0, "pairs": 1},
+                       "story_qa, same correctness": {"accuracy": 0.5, "pairs": 2}}
+
+
 def test_smoke_reward_reports_accuracies_and_stores_normalization(smoke_run):
     use_pretrain_as_sft(smoke_run)
     final = run_reward(load_config(SMOKE, [f"run.output_dir={smoke_run}", "reward.save_steps=10"]))
@@ -56,6 +72,10 @@ def test_smoke_reward_reports_accuracies_and_stores_normalization(smoke_run):
     # judge on 2 CPU cores); chance would stay below 0.57 with 99% probability on these 240 pairs.
     assert metrics["eval_accuracy"] > 0.57 and metrics["eval_gold_accuracy"] > 0.57
     assert metrics["annotator_gold_agreement"] > 0.7  # the simulated annotator mostly agrees with the judge
+    by_kind = metrics["eval_gold_accuracy_by_kind"]
+    assert sum(k["pairs"] for k in by_kind.values()) == metrics["eval_gold_pairs"]
+    assert math.isclose(sum(k["accuracy"] * k["pairs"] for k in by_kind.values()) / metrics["eval_gold_pairs"],
+                        metrics["eval_gold_accuracy"], abs_tol=1e-6)
     assert all((p / COMPLETE_MARKER).is_file() for p in final.parent.glob("checkpoint-*"))
     logged = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "accuracy", "margin"} <= set(logged[0]) and any("eval_accuracy" in m for m in logged)

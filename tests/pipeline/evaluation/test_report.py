@@ -96,7 +96,9 @@ def rich_comparison() -> Comparison:
             {"low": 0.5, "high": 1.0, "count": 0, "mean_predicted": None, "observed": None}]
     result.reward_model = {"eval_accuracy": 0.7, "eval_pairs": 40, "eval_gold_accuracy": 0.8, "eval_gold_pairs": 30,
                            "annotator_gold_agreement": 0.86, "eval_calibration_error": 0.04, "eval_calibration": bins,
-                           "eval_gold_calibration_error": 0.06, "eval_gold_calibration": bins}
+                           "eval_gold_calibration_error": 0.06, "eval_gold_calibration": bins,
+                           "eval_gold_accuracy_by_kind": {"story_qa, correctness differs": {"accuracy": 0.5, "pairs": 10},
+                                                          "story_qa, same correctness": {"accuracy": 0.95, "pairs": 20}}}
     # PPO loses on the harmful prompt.
     result.samples.append(Sample(1, "ppo", "Of course! <i>cheerful</i>", 2.0, -3.0, 1.0, 6))
     result.by_family = family_figures(result)
@@ -157,6 +159,8 @@ def test_reward_model_sentences_and_family_rows():
     assert sentences == ["Held-out pairwise accuracy against the annotator's labels: 0.700 (40 pairs).",
                          "Against the gold judge's ordering: 0.800 (30 pairs the judge does not score equal); the "
                          "annotator itself agrees with the judge on 0.860.",
+                         "By kind of pair: story_qa, correctness differs 0.500 (10 pairs); story_qa, same correctness "
+                         "0.950 (20 pairs).",
                          "Expected calibration error of σ(r_a − r_b): 0.040 against the annotator and 0.060 against "
                          "the gold judge."]
     assert reward_model_sentences({"eval_accuracy": 0.6}) == ["Held-out pairwise accuracy against the annotator's "
