@@ -14,7 +14,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["smoke.yaml", "default.yaml"])
+@pytest.mark.parametrize("name", ["smoke.yaml", "default.yaml", "quality.yaml"])
 def test_presets_load(name):
     config = load_config(CONFIGS / name)
     assert config.pretrain.max_steps > 0
