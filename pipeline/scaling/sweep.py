@@ -16,37 +16,33 @@ from __future__ import annotations
 
 import copy
 import datetime
-import hashlib
 import json
 import math
 import os
 import platform
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from data.builtin_datasets import write_atomically, write_builtin_task
-from data.loading import DataError, load_source, read_rows, texts_from_rows
-from data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from data.builtin_datasets import write_atomically
 from pipeline.config.loading import config_from_mapping, load_config
 from pipeline.config.parsing import ConfigError, apply_override, read_yaml_mapping
 from pipeline.config.schema import STAGES, PipelineConfig
 from pipeline.config.validation import validate
-from pipeline.run.files import atomic_directory, write_json_atomically
+from pipeline.run.files import write_json_atomically
 from pipeline.run.launch import LocalStageLauncher, StageFailed, run_stages
 from pipeline.run.manifests import read_manifest
 from pipeline.run.stage_graph import cached_directory_digest
-from pipeline.scaling.fit import LossLaw, bootstrap_intervals, fit_loss_law, isoflop_profiles, power_law_through
+from pipeline.scaling.analysis import analyse, config_run_point
+from pipeline.scaling.corpus import Corpus, prepare_corpus
 from pipeline.scaling.grid import (
     QUICK_GRID,
     QUICK_OVERRIDES,
     GridPlan,
-    ModelSize,
     SweepGrid,
     SweepPoint,
     parse_grid,
@@ -98,105 +94,6 @@ def load_sweep(config_path: str | Path | None, overrides: list[str], quick: bool
     plan = plan_points(grid, config, processes)
     suffix = "-sweep-quick" if quick else "-sweep"
     return Sweep(config, raw, config_run, grid, plan, Path(config.run.output_dir) / f"{config.run.name}{suffix}", quick)
-
-
-# ---------------------------------------------------------------- the corpus, once
-@dataclass
-class Corpus:
-    train: Path
-    eval: Path
-    tokenizer: Path
-    rows: int
-    tokens_per_row: float
-    builtin: bool
-
-
-def corpus_identity(config: PipelineConfig, rows_needed_hint: int) -> str:
-    source = asdict(config.data.pretrain) if config.data.pretrain else asdict(config.data.builtin)
-    payload = json.dumps({"source": source, "tokenizer": asdict(config.tokenizer), "rows": rows_needed_hint,
-                          "seed": config.run.seed}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:10]
-
-
-def paragraphs_of_text_file(path: Path) -> list[str]:
-    """A plain .txt corpus (tinyshakespeare) as documents: the blocks between blank lines."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"data.pretrain.path: {path} cannot be read as UTF-8 text ({error})") from None
-    documents = [block.strip() for block in text.split("\n\n") if block.strip()]
-    if len(documents) < 2:
-        raise DataError(f"data.pretrain.path: {path} has fewer than two blocks of text between blank lines")
-    return documents
-
-
-def user_corpus(config: PipelineConfig) -> tuple[list[str], list[str]]:
-    source = config.data.pretrain
-    path = Path(source.path)
-    if path.suffix == ".txt":
-        documents = paragraphs_of_text_file(path)
-        order = np.random.default_rng(config.run.seed).permutation(len(documents))
-        held_out = max(1, round(len(documents) * source.eval_fraction))
-        return ([documents[i] for i in sorted(order[held_out:])], [documents[i] for i in sorted(order[:held_out])])
-    train_rows, eval_rows = load_source(source, "data.pretrain", config.run.seed)
-    return (texts_from_rows(train_rows, f"data.pretrain ({source.path})"),
-            texts_from_rows(eval_rows, f"data.pretrain eval ({source.path})"))
-
-
-def write_rows(path: Path, texts: list[str]) -> None:
-    write_atomically(path, "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
-
-
-def tokens_per_row(tokenizer, texts: list[str]) -> float:
-    sample = texts[:2000]
-    counts = tokenizer(sample, add_special_tokens=False)["input_ids"]
-    return sum(len(ids) + 1 for ids in counts) / len(sample)  # +1: the EOS that ends each document in a block
-
-
-def prepare_corpus(sweep: Sweep) -> Corpus:
-    """The shared corpus and tokenizer: written once, reused on resume (their directory is named by what made
-    them). The built-in corpus is drawn long enough that no point repeats a story."""
-    config, largest = sweep.config, max(point.tokens for point in sweep.plan.points)
-    directory = sweep.directory / f"corpus-{corpus_identity(config, largest)}"
-    summary_path = directory / "corpus.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        return Corpus(Path(summary["train"]), Path(summary["eval"]), Path(summary["tokenizer"]), summary["rows"],
-                      summary["tokens_per_row"], summary["builtin"])
-    directory.mkdir(parents=True, exist_ok=True)
-    builtin = config.data.pretrain is None
-    if builtin:
-        task = config.data.builtin
-        train, evaluation = write_builtin_task(task, directory / "task")["pretrain_train"], None
-        texts = [row["text"] for row in read_rows(train)]
-    else:
-        texts, eval_texts = user_corpus(config)
-    tokenizer_dir = directory / "tokenizer"
-    if config.tokenizer.name_or_path:
-        tokenizer = load_tokenizer(config.tokenizer.name_or_path, config.model.trust_remote_code)
-    else:
-        tokenizer = train_bpe_tokenizer(texts[: config.tokenizer.training_texts], config.tokenizer.vocab_size)
-    with atomic_directory(tokenizer_dir) as staging:
-        tokenizer.save_pretrained(staging)
-    per_row = tokens_per_row(tokenizer, texts)
-    if builtin:
-        # Stories are drawn one after another from one seed: a longer corpus begins with the same stories, so the
-        # tokenizer trained on the first ones is the one a default run of the same seed would train.
-        needed = math.ceil(largest / per_row * 1.05) + 64
-        if needed > task.pretrain_stories:
-            task = replace(task, pretrain_stories=needed)
-        paths = write_builtin_task(task, directory / "task")
-        train, evaluation = paths["pretrain_train"], paths["pretrain_eval"]
-        rows = task.pretrain_stories
-    else:
-        train, evaluation = directory / "pretrain_train.jsonl", directory / "pretrain_eval.jsonl"
-        write_rows(train, texts)
-        write_rows(evaluation, eval_texts)
-        rows = len(texts)
-    summary = {"train": str(train), "eval": str(evaluation), "tokenizer": str(tokenizer_dir), "rows": rows,
-               "tokens_per_row": per_row, "builtin": builtin}
-    write_json_atomically(summary_path, summary)
-    return Corpus(train, evaluation, tokenizer_dir, rows, per_row, builtin)
 
 
 # ---------------------------------------------------------------- the points
@@ -264,80 +161,6 @@ def probe_point(sweep: Sweep, point: SweepPoint, corpus: Corpus) -> dict[str, An
     return result
 
 
-# ---------------------------------------------------------------- the analysis
-def config_run_point(config: PipelineConfig) -> dict[str, float]:
-    """The config's own pretraining (its model for its max_steps) as a point of the same axes."""
-    size = ModelSize(config.model.num_hidden_layers, config.model.hidden_size, config.model.num_attention_heads,
-                     config.model.intermediate_size)
-    tokens = config.pretrain.max_steps * tokens_per_step(config)
-    parameters = size.non_embedding_parameters()
-    return {"name": f"{size.name} × {config.pretrain.max_steps} steps (this config's run)",
-            "non_embedding_parameters": parameters, "tokens": tokens, "compute": 6.0 * parameters * tokens}
-
-
-def analyse(runs: list[dict[str, Any]], grid: SweepGrid, config_run: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Approach 3's law with bootstrap intervals, its predictions of the held-out largest budgets, approach 2's
-    frontier, and the compute-optimal split of a few budgets."""
-    usable = [run for run in runs if run.get("eval_loss") is not None and math.isfinite(run["eval_loss"])
-              and run["steps"] >= grid.fit_min_steps]
-    sizes, budgets = {r["non_embedding_parameters"] for r in usable}, sorted({r["compute"] for r in usable})
-    analysis: dict[str, Any] = {"config_run": dict(config_run),
-                                "left_out_of_fit": [run["name"] for run in runs if run not in usable]}
-    profiles = isoflop_profiles(usable)
-    frontier = [(p.compute, p.optimal_parameters) for p in profiles if p.optimal_parameters]
-    fitted_frontier = power_law_through([c for c, _ in frontier], [n for _, n in frontier])
-    analysis["isoflop"] = {
-        "profiles": [{"compute": p.compute, "optimal_parameters": p.optimal_parameters, "reason": p.reason,
-                      "points": p.points} for p in profiles],
-        "parameters_exponent": fitted_frontier[0] if fitted_frontier else None,
-        "parameters_coefficient": fitted_frontier[1] if fitted_frontier else None}
-    if len(usable) < 6 or len(sizes) < 2 or len(budgets) < 2:
-        analysis["law"] = None
-        analysis["law_reason"] = (f"{len(usable)} runs over {len(sizes)} sizes and {len(budgets)} budgets: the law "
-                                  f"has 5 parameters and needs at least 6 runs, 2 sizes and 2 budgets")
-        return analysis
-    arrays = [np.array([r[key] for r in usable], dtype=float) for key in ("non_embedding_parameters", "tokens",
-                                                                              "eval_loss")]
-    law, objective = fit_loss_law(*arrays)
-    analysis["law"] = {**law.as_dict(), "huber_objective": objective,
-                       "intervals_90": bootstrap_intervals(*arrays, law, grid.bootstrap, seed),
-                       "runs": len(usable)}
-    analysis["law"]["optimal_parameters_exponent"] = law.beta / (law.alpha + law.beta)
-    analysis["holdout"] = holdout_prediction(usable, budgets, grid.holdout_budgets)
-    run = analysis["config_run"]
-    run["predicted_loss"] = law.loss(run["non_embedding_parameters"], run["tokens"])
-    # What 45 minutes of pretraining buys here, at the rate (6ND per wall-clock second, evaluation and saving
-    # included) of the largest size trained: the quality preset's budget for the whole pipeline is 45 minutes.
-    largest = max(sizes)
-    rates = [6 * r["non_embedding_parameters"] * r["tokens"] / r["wall_time_s"] for r in usable
-             if r["non_embedding_parameters"] == largest and r.get("wall_time_s")]
-    analysis["flops_per_second"] = float(np.median(rates)) if rates else None
-    analysis["compute_in_45_minutes"] = 2700 * analysis["flops_per_second"] if rates else None
-    choices = sorted(set(budgets) | {run["compute"]} | ({analysis["compute_in_45_minutes"]} if rates else set()))
-    analysis["compute_optimal"] = [dict(zip(("compute", "non_embedding_parameters", "tokens"),
-                                            (c, *law.compute_optimal(c))), predicted_loss=law.loss(*law.compute_optimal(c)))
-                                   for c in choices]
-    return analysis
-
-
-def holdout_prediction(runs: list[dict[str, Any]], budgets: list[float], held: int) -> dict[str, Any] | None:
-    """Fit without the `held` largest budgets and predict their runs: the fit's claim to extrapolate."""
-    if held == 0 or len(budgets) - held < 2:
-        return None
-    cut = budgets[-held]
-    seen = [r for r in runs if r["compute"] < cut]
-    unseen = [r for r in runs if r["compute"] >= cut]
-    if len(seen) < 6 or len({r["non_embedding_parameters"] for r in seen}) < 2:
-        return None
-    law, _ = fit_loss_law(*[np.array([r[key] for r in seen], dtype=float)
-                            for key in ("non_embedding_parameters", "tokens", "eval_loss")])
-    predictions = [{"name": r["name"], "eval_loss": r["eval_loss"],
-                    "predicted": law.loss(r["non_embedding_parameters"], r["tokens"])} for r in unseen]
-    errors = [abs(p["predicted"] - p["eval_loss"]) / p["eval_loss"] for p in predictions]
-    return {"fitted_below_compute": cut, "fitted_runs": len(seen), "law": law.as_dict(), "predictions": predictions,
-            "mean_relative_error": float(np.mean(errors)), "max_relative_error": float(np.max(errors))}
-
-
 def machine() -> str:
     processor = platform.processor() or platform.machine()
     try:
@@ -362,7 +185,7 @@ def run_sweep(sweep: Sweep, restart: bool = False) -> Path:
 
     sweep.directory.mkdir(parents=True, exist_ok=True)
     write_atomically(sweep.base_file, yaml.safe_dump(sweep.raw, sort_keys=False))
-    corpus = prepare_corpus(sweep)
+    corpus = prepare_corpus(sweep.config, sweep.directory, max(point.tokens for point in sweep.plan.points))
     points = sweep.plan.points
     launcher = None if sweep.config.run.accelerate_config else LocalStageLauncher(sweep.config).start()
     threads = max(1, available_cores() // sweep.grid.parallel)
@@ -394,8 +217,3 @@ def run_sweep(sweep: Sweep, restart: bool = False) -> Path:
         **analyse(runs, sweep.grid, sweep.config_run, sweep.config.run.seed)}
     write_json_atomically(sweep.directory / "results.json", results)
     return write_page(sweep.directory, results)
-
-
-def law_of(results: dict[str, Any]) -> LossLaw | None:
-    law = results.get("law")
-    return LossLaw(**{k: law[k] for k in ("E", "A", "alpha", "B", "beta")}) if law else None

@@ -6,7 +6,7 @@ import pytest
 from pipeline.scaling.fit import LossLaw
 from pipeline.scaling.grid import SweepGrid
 from pipeline.scaling.page import render_page, summary_sentences
-from pipeline.scaling.sweep import analyse
+from pipeline.scaling.analysis import analyse
 
 TRUE = LossLaw(E=1.7, A=400.0, alpha=0.34, B=410.0, beta=0.28)  # optimal sizes fall inside the grid
 

@@ -99,7 +99,7 @@ def test_a_bad_grid_is_one_line_exit_2_before_anything_is_written(tmp_path, caps
 
 def test_a_plain_text_corpus_is_split_at_blank_lines_with_a_seeded_held_out_share(tmp_path):
     from pipeline.config.loading import config_from_mapping
-    from pipeline.scaling.sweep import paragraphs_of_text_file, user_corpus
+    from pipeline.scaling.corpus import paragraphs_of_text_file, user_corpus
 
     text = tmp_path / "plays.txt"
     text.write_text("\n\n".join(f"SPEAKER {i}:\nline {i}" for i in range(40)) + "\n\n\n")
