@@ -97,11 +97,16 @@ def load_sweep(config_path: str | Path | None, overrides: list[str], quick: bool
 
 
 # ---------------------------------------------------------------- the points
+def point_rows(point: SweepPoint, corpus: Corpus) -> int:
+    """The first rows of the corpus a point reads: enough for its token budget with a margin, at most all of it."""
+    return min(corpus.rows, math.ceil(point.tokens / corpus.tokens_per_row * 1.05) + 64)
+
+
 def point_overrides(sweep: Sweep, point: SweepPoint, corpus: Corpus) -> list[str]:
     """What makes the base config this point: its shape, steps (warmup and cosine fitted to them, as Hoffmann et
     al. match the schedule to each token budget), its share of the corpus, its run directory."""
     settings = sweep.config.pretrain
-    rows = min(corpus.rows, math.ceil(point.tokens / corpus.tokens_per_row * 1.05) + 64)
+    rows = point_rows(point, corpus)
     overrides = point.size.overrides() + [
         f"run.output_dir={sweep.directory / 'points'}", f"run.name={point.name}", "run.stages=[pretrain]",
         "run.keep_last_checkpoints=1", f"pretrain.max_steps={point.steps}",
@@ -132,7 +137,7 @@ def train_point(sweep: Sweep, point: SweepPoint, corpus: Corpus, launcher: Local
         raise StageFailed(f"pretrain of sweep point {point.name} (see {directory / 'log.txt'})", failure.code) from None
     manifest = read_manifest(directory / "pretrain") or {}
     metrics = manifest.get("metrics") or {}
-    rows = int(overrides[-1].split("=")[1])
+    rows = point_rows(point, corpus)
     return {"name": point.name, "layers": point.size.layers, "hidden": point.size.hidden, "heads": point.size.heads,
             "intermediate": point.size.mlp_width, "non_embedding_parameters": point.size.non_embedding_parameters(),
             "parameters": manifest.get("parameters"), "compute": point.compute, "tokens": point.tokens,

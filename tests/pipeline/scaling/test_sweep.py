@@ -123,3 +123,12 @@ def test_available_cores_follows_the_affinity_mask():
     finally:
         os.sched_setaffinity(0, before)
     assert available_cores() == len(before)
+
+
+def test_a_size_with_its_own_learning_rate_trains_at_it_on_its_share_of_the_corpus(tmp_path):
+    # The point's learning rate is the last override: its record must not read the corpus share from there.
+    sweep = {**TINY["sweep"], "sizes": [{"layers": 1, "hidden": 16, "heads": 2, "learning_rate": 0.01}],
+             "compute": [1.0e8], "probe_steps": 0}
+    assert main(["sweep", str(tiny_config(tmp_path, sweep=sweep))]) == 0
+    [run] = json.loads((tmp_path / "runs" / "tiny-sweep" / "results.json").read_text())["runs"]
+    assert run["learning_rate"] == 0.01 and 0 < run["epochs"] < 1 and run["eval_loss"] > 0
