@@ -163,12 +163,12 @@ def held_out_accuracy(model, tokenizer, pairs: list[PreferencePair], builtin: bo
                 for p in pairs]
         ordered = [i for i, (a, b) in enumerate(gold) if a != b]
         gold_prefers_chosen = torch.tensor([gold[i][0] > gold[i][1] for i in ordered])
-        model_prefers_chosen = chosen[ordered] > rejected[ordered]
-        metrics.update(eval_gold_accuracy=(model_prefers_chosen == gold_prefers_chosen).float().mean().item(),
+        agrees_with_gold = (chosen[ordered] > rejected[ordered]) == gold_prefers_chosen
+        metrics.update(eval_gold_accuracy=agrees_with_gold.float().mean().item(),
                        annotator_gold_agreement=gold_prefers_chosen.float().mean().item(),
                        eval_gold_pairs=len(ordered),
                        eval_gold_accuracy_by_kind=gold_accuracy_by_kind([pairs[i] for i in ordered],
-                                                                        (model_prefers_chosen == gold_prefers_chosen).tolist()))
+                                                                        agrees_with_gold.tolist()))
         gold_calibration = preference_calibration(chosen[ordered], rejected[ordered], gold_prefers_chosen)
         metrics.update(eval_gold_calibration_error=gold_calibration["expected_calibration_error"],
                        eval_gold_calibration=gold_calibration["bins"])

@@ -1,3 +1,4 @@
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,15 @@ def test_presets_load(name):
     config = load_config(CONFIGS / name)
     assert config.pretrain.max_steps > 0
     assert config.source.endswith(name)
+
+
+def test_the_quality_preset_is_the_default_with_more_sft():
+    # A whole file like every preset; this keeps it from drifting from the default it was measured against.
+    quality = asdict(load_config(CONFIGS / "quality.yaml"))
+    default = asdict(load_config(CONFIGS / "default.yaml", [
+        "run.name=quality", "data.builtin.sft_dialogues=20000", "sft.max_steps=3000", "sft.eval_steps=1000",
+        "sft.save_steps=1000"]))
+    assert {key for key in quality if quality[key] != default[key]} == {"source"}
 
 
 def test_overrides_parse_yaml_values():
